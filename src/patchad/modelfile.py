@@ -1,9 +1,11 @@
 """The ``.safetensors`` model file: tensors, plus JSON metadata; no pickle anywhere.
 
-Metadata keys: ``format`` (``"patchad"``), ``format_version``, ``method``, ``config`` (the
-constructor parameters, JSON), ``state`` (learned non-tensor values, JSON), ``fingerprint``
-(of the backbone weights) and ``checksum`` (SHA-256 of every tensor's name, dtype, shape and
-bytes). Writes are atomic: a temporary file in the same folder, fsync, then rename.
+The safetensors metadata holds one key, ``patchad``, whose value is a JSON object (sorted keys,
+so equal models give identical bytes) with: ``format`` (``"patchad"``), ``format_version``,
+``patchad_version``, ``method``, ``config`` (the constructor parameters), ``state`` (learned
+non-tensor values), ``fingerprint`` (of the backbone weights) and ``checksum`` (SHA-256 of every
+tensor's name, dtype, shape and bytes). Writes are atomic: a temporary file in the same folder,
+fsync, then rename.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from patchad.errors import PatchadError
 
 FORMAT = "patchad"
 FORMAT_VERSION = 1
+METADATA_KEY = "patchad"
 
 
 def checksum(tensors: dict[str, Tensor]) -> str:
@@ -82,15 +85,16 @@ def write_model(
     contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     metadata = {
         "format": FORMAT,
-        "format_version": str(FORMAT_VERSION),
+        "format_version": FORMAT_VERSION,
         "patchad_version": __version__,
         "method": method,
-        "config": json.dumps(config, sort_keys=True),
-        "state": json.dumps(state, sort_keys=True),
+        "config": config,
+        "state": state,
         "fingerprint": fingerprint,
         "checksum": checksum(contiguous),
     }
-    atomic_write_bytes(path, save(contiguous, metadata=metadata), force=force)
+    header = {METADATA_KEY: json.dumps(metadata, sort_keys=True)}
+    atomic_write_bytes(path, save(contiguous, metadata=header), force=force)
 
 
 def read_model(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -109,17 +113,20 @@ def read_model(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[st
         from safetensors import safe_open
 
         with safe_open(str(p), framework="pt") as handle:
-            metadata = dict(handle.metadata() or {})
+            header = dict(handle.metadata() or {})
         tensors = load_file(str(p))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         reason = str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__
         raise PatchadError(f"{p}: not a patchad model file ({reason})") from None
-    if metadata.get("format") != FORMAT:
-        raise PatchadError(f"{p}: not a patchad model file (no patchad metadata)")
     try:
-        version = int(metadata.get("format_version", ""))
-    except ValueError:
-        raise PatchadError(f"{p}: not a patchad model file (bad format version)") from None
+        metadata = json.loads(header[METADATA_KEY])
+    except (KeyError, json.JSONDecodeError):
+        raise PatchadError(f"{p}: not a patchad model file (no patchad metadata)") from None
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        raise PatchadError(f"{p}: not a patchad model file (no patchad metadata)")
+    version = metadata.get("format_version")
+    if not isinstance(version, int):
+        raise PatchadError(f"{p}: not a patchad model file (bad format version)")
     if version > FORMAT_VERSION:
         raise PatchadError(
             f"{p}: made by a newer patchad (model format {version}, this version reads "
@@ -127,9 +134,6 @@ def read_model(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[st
         )
     if checksum(tensors) != metadata.get("checksum"):
         raise PatchadError(f"{p}: checksum mismatch, the file is corrupt or was modified")
-    try:
-        metadata["config"] = json.loads(metadata["config"])
-        metadata["state"] = json.loads(metadata.get("state", "{}"))
-    except (KeyError, json.JSONDecodeError):
-        raise PatchadError(f"{p}: not a patchad model file (bad config)") from None
+    if not isinstance(metadata.get("config"), dict) or not isinstance(metadata.get("state"), dict):
+        raise PatchadError(f"{p}: not a patchad model file (bad config)")
     return tensors, metadata

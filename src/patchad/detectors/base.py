@@ -162,7 +162,8 @@ class Detector:
     def _check_fitted(self, action: str) -> None:
         if not hasattr(self, "fingerprint_"):
             raise NotFittedError(
-                f"{type(self).__name__} is not fitted; call fit() or patchad.load() before {action}()"
+                f"{type(self).__name__} is not fitted; "
+                f"call fit() or patchad.load() before {action}()"
             )
 
     @torch.inference_mode()

@@ -1,0 +1,123 @@
+"""The pure tensor functions against brute force, scipy and hand-computed cases."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter
+from scipy.spatial.distance import cdist
+
+from patchad.ops import knn as knn_module
+from patchad.ops.coreset import greedy_coreset, greedy_coreset_reference, random_projection
+from patchad.ops.knn import knn
+from patchad.ops.maps import anomaly_map, gaussian_blur
+from patchad.ops.patches import align_and_concat, local_aggregate, reduce_channels
+from patchad.ops.scores import reweighted_image_score
+
+
+@pytest.mark.parametrize(("n", "dim", "leaf"), [(2000, 8, 64), (3000, 32, 256), (500, 3, 1024)])
+def test_greedy_coreset_equals_brute_force(n: int, dim: int, leaf: int) -> None:
+    x = torch.randn(n, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    fast = greedy_coreset(x, 200, generator=torch.Generator().manual_seed(3), leaf_size=leaf)
+    slow = greedy_coreset_reference(x, 200, start=int(fast[0]))
+    assert fast.tolist() == slow.tolist()
+
+
+def test_greedy_coreset_clustered_data_and_bounds() -> None:
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(20, 16, generator=g) * 10
+    x = centres[torch.randint(20, (5000,), generator=g)] + torch.randn(5000, 16, generator=g)
+    fast = greedy_coreset(
+        x.double(), 300, generator=torch.Generator().manual_seed(1), leaf_size=128
+    )
+    slow = greedy_coreset_reference(x.double(), 300, start=int(fast[0]))
+    assert fast.tolist() == slow.tolist()
+    assert len(set(fast.tolist())) == 300
+    with pytest.raises(ValueError, match="coreset size"):
+        greedy_coreset(x, 0, generator=g)
+
+
+def test_greedy_coreset_seeded() -> None:
+    x = torch.randn(1000, 4)
+    a = greedy_coreset(x, 50, generator=torch.Generator().manual_seed(7))
+    b = greedy_coreset(x, 50, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+
+
+def test_random_projection_keeps_distances() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 1000, generator=g)
+    p = random_projection(1000, 512, generator=g)
+    before = torch.cdist(x, x)
+    after = torch.cdist(x @ p, x @ p)
+    mask = ~torch.eye(50, dtype=torch.bool)
+    ratio = after[mask] / before[mask]
+    assert ratio.min() > 0.8
+    assert ratio.max() < 1.2
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_knn_matches_cdist(k: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(k)
+    q, bank = torch.randn(300, 20, generator=g), torch.randn(500, 20, generator=g)
+    monkeypatch.setattr(knn_module, "CHUNK_ELEMENTS", 500 * 7)  # force many chunks
+    dist, idx = knn(q.double(), bank.double(), k)
+    ref = cdist(q.double().numpy(), bank.double().numpy())  # Euclidean, not squared
+    ref_idx = np.argsort(ref, axis=1)[:, :k]
+    np.testing.assert_allclose(dist.numpy(), np.take_along_axis(ref, ref_idx, 1), atol=1e-9)
+    assert (idx.numpy() == ref_idx).all()
+
+
+def test_knn_faiss_matches_torch() -> None:
+    pytest.importorskip("faiss")
+    g = torch.Generator().manual_seed(0)
+    q, bank = torch.randn(200, 16, generator=g), torch.randn(400, 16, generator=g)
+    d1, i1 = knn(q, bank, 4)
+    d2, i2 = knn(q, bank, 4, backend="faiss")
+    assert torch.equal(i1, i2)
+    torch.testing.assert_close(d1, d2, atol=1e-4, rtol=1e-4)
+
+
+def test_eq7_hand_computed() -> None:
+    bank = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
+    queries = torch.tensor([[[0.1, 0.0], [3.0, 0.0]]])  # one image, two patches
+    dist, idx = knn(queries[0], bank, 1)
+    # worst patch (3, 0): s* = 2 to m* = (1, 0); N_2(m*) = {(1, 0), (0, 0)} at 2 and 3 from it
+    # s = (1 - e^2 / (e^2 + e^3)) * 2 = 2 e / (1 + e)
+    score = reweighted_image_score(dist.T, idx.T, queries, bank, b=2)
+    assert score.item() == pytest.approx(2 * math.e / (1 + math.e), rel=1e-6)
+    # b = 1: the factor is 1 - 1 = 0 (only m* itself in N_b)
+    assert reweighted_image_score(dist.T, idx.T, queries, bank, b=1).item() == pytest.approx(0)
+
+
+@pytest.mark.parametrize(("h", "w", "sigma"), [(64, 64, 4.0), (20, 7, 4.0), (5, 40, 2.0)])
+def test_gaussian_blur_matches_scipy(h: int, w: int, sigma: float) -> None:
+    x = torch.rand(2, h, w, dtype=torch.float64)
+    ours = gaussian_blur(x, sigma).numpy()
+    ref = np.stack([gaussian_filter(m, sigma) for m in x.numpy()])
+    np.testing.assert_allclose(ours, ref, atol=1e-6)
+
+
+def test_anomaly_map_shape_and_identity() -> None:
+    patch = torch.rand(3, 8, 8)
+    assert anomaly_map(patch, 64, 4.0).shape == (3, 64, 64)
+    torch.testing.assert_close(anomaly_map(patch, 8, 0.0), patch)
+
+
+def test_local_aggregate_is_unfold_mean() -> None:
+    x = torch.randn(2, 5, 6, 7)
+    unfolded = F.unfold(x, 3, padding=1).view(2, 5, 9, 6, 7).mean(2)  # official Unfold + mean
+    torch.testing.assert_close(local_aggregate(x, 3), unfolded)
+
+
+def test_align_and_concat_and_reduce() -> None:
+    a, b = torch.randn(1, 4, 8, 8), torch.randn(1, 6, 4, 4)
+    out = align_and_concat([a, b])
+    assert out.shape == (1, 10, 8, 8)
+    torch.testing.assert_close(out[:, :4], a)
+    reduced = reduce_channels(out, 5)  # pairs of channels averaged
+    torch.testing.assert_close(reduced[:, 0], out[:, :2].mean(1))
