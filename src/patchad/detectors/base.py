@@ -153,7 +153,6 @@ class Detector:
             self.
         """
         self._validate()
-        torch.manual_seed(self.seed)
         self._build()
         self._fit(self._feature_batches(images, progress, f"{self.method} fit"), progress)
         self.fingerprint_ = self.extractor_.fingerprint
