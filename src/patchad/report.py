@@ -57,7 +57,10 @@ td.best{font-weight:700;color:#0b6b2f}
 .wrap{overflow-x:auto}
 img.plot{max-width:100%;height:auto;display:block;margin:.3rem 0}
 table.gallery td{text-align:center;vertical-align:top;border:none;padding:.15rem}
-table.gallery th{font-weight:600;font-size:.8rem;white-space:normal}
+table.gallery th{font-weight:600;font-size:.8rem;white-space:normal;background:none;
+vertical-align:bottom;position:static;text-align:center;width:118px;max-width:118px}
+table.gallery .cap{display:block;margin:0 auto;text-align:center}
+table.gallery th.rowhead{vertical-align:middle;text-align:right;width:auto;max-width:120px}
 table.gallery img{width:112px;height:112px;image-rendering:auto;display:block;margin:0 auto}
 .cap{font-size:.72rem;color:#55606c;max-width:120px;white-space:normal}
 ul.facts li{margin:.35rem 0}
@@ -317,7 +320,7 @@ def _summary_table(
         for key, _ in columns:
             values = [_num(r.get(key)) for _, r in group]
             values = [v for v in values if v is not None]
-            if len(values) >= 2 or (values and len(group) == 1):
+            if len(values) >= 2 and len(set(values)) > 1:
                 best[key] = max(values) if key in dict(METRICS) else min(values)
         title = "mean over categories" if category == "mean" else category
         body.append(
@@ -328,7 +331,7 @@ def _summary_table(
             cells = [f'<td class="l">{_esc(method)}</td>']
             for key, _ in columns:
                 v = _num(row.get(key))
-                is_best = v is not None and key in best and v == best[key] and len(group) > 1
+                is_best = v is not None and key in best and v == best[key]
                 text = _fmt(v, key)
                 cells.append(
                     f'<td class="best"><b>{text}</b></td>' if is_best else f"<td>{text}</td>"
@@ -526,38 +529,46 @@ def _picture_table(
     picks: list[tuple[int, str]],
     captions: dict[int, str],
 ) -> str:
-    head = ["<th>input</th>"]
+    """One column per picked image; rows: input, ground truth, then one heat map per method."""
+    label = '<th class="l rowhead">{}</th>'
+    head = [label.format("")] + [
+        f'<th><span class="cap">{_esc(captions[i])}<br><i>{_esc(why)}</i></span></th>'
+        for i, why in picks
+    ]
+    rows = [
+        [label.format("input")]
+        + [f"<td>{_img(_png_uri(images[i]), 'input ' + captions[i])}</td>" for i, _ in picks]
+    ]
     if masks is not None:
-        head.append("<th>ground truth</th>")
+        rows.append(
+            [label.format("ground truth")]
+            + [
+                f"<td>{_img(_png_uri(_mask_picture(images[i], masks[i])), 'mask')}</td>"
+                for i, _ in picks
+            ]
+        )
     for method in methods:
-        if method in maps:
-            low, high = scales[method]
-            head.append(
-                f'<th>{_esc(method)}<br><span class="cap">scale {low:.3g} – {high:.3g}</span></th>'
-            )
-    rows = []
-    for i, why in picks:
+        if method not in maps:
+            continue
+        low, high = scales[method]
+        score = scores.get(method)
         cells = [
-            f"<td>{_img(_png_uri(images[i]), 'input ' + captions[i])}"
-            f'<div class="cap">{_esc(captions[i])}<br>{_esc(why)}</div></td>'
+            label.format(
+                f'{_esc(method)}<br><span class="cap">colour scale {low:.3g} – {high:.3g}</span>'
+            )
         ]
-        if masks is not None:
-            cells.append(f"<td>{_img(_png_uri(_mask_picture(images[i], masks[i])), 'mask')}</td>")
-        for method in methods:
-            if method not in maps:
-                continue
-            low, high = scales[method]
+        for i, _ in picks:
             pic = _overlay(images[i], maps[method][i], low, high)
-            score = scores.get(method)
             text = "" if score is None else f"score {float(score[i]):.3g}"
             cells.append(
                 f"<td>{_img(_png_uri(pic), f'{method} heat map')}"
                 f'<div class="cap">{_esc(text)}</div></td>'
             )
-        rows.append("<tr>" + "".join(cells) + "</tr>")
+        rows.append(cells)
+    body = "".join("<tr>" + "".join(r) + "</tr>" for r in rows)
     return (
         f'<div class="wrap"><table class="gallery"><thead><tr>{"".join(head)}</tr></thead>'
-        f"<tbody>{''.join(rows)}</tbody></table></div>"
+        f"<tbody>{body}</tbody></table></div>"
     )
 
 
@@ -573,7 +584,7 @@ def _gallery_section(
         "to its own good-image scores) and its hardest good image (highest), plus the first "
         "image of every defect type. Heat maps use one colour scale per method and category "
         "(1st to 99.8th percentile of all its map values; blue low, red high), so colours "
-        "compare across images within a column.</p>",
+        "compare across images within a row.</p>",
     ]
     for category in categories:
         info = images[category]
