@@ -194,6 +194,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from patchad.report import write_report
+
+    out = None if args.out is None else Path(args.out)
+    target = write_report(Path(args.results_dir), out, force=args.force or out is None)
+    _say(args, f"report written to {target}")
+    return EXIT_OK
+
+
 def _say(args: argparse.Namespace, message: str) -> None:
     if not args.quiet:
         print(message, file=sys.stderr)
@@ -246,6 +255,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="patchad-demo", help="output folder (default patchad-demo)")
     demo.add_argument("--force", action="store_true", help="write into a non-empty --out")
     demo.set_defaults(func=cmd_demo)
+
+    report = sub.add_parser(
+        "report", help="re-render report.html from a benchmark folder, recomputing nothing"
+    )
+    report.add_argument(
+        "results_dir", metavar="RESULTS_DIR", help="`patchad benchmark --out` folder"
+    )
+    report.add_argument(
+        "--out", metavar="FILE", help="write here instead of RESULTS_DIR/report.html"
+    )
+    report.add_argument("--force", action="store_true", help="overwrite an existing --out FILE")
+    report.set_defaults(func=cmd_report)
     return parser
 
 
