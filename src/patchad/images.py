@@ -26,8 +26,9 @@ def set_max_pixels(max_pixels: int | None) -> None:
     """Set the decompression-bomb limit for all later reads (``None`` or 0 disables it)."""
     global _max_pixels
     _max_pixels = max_pixels or None
-    # PIL's own guard (an error only above twice its limit) stays on as a backstop.
-    Image.MAX_IMAGE_PIXELS = None if _max_pixels is None else 2 * _max_pixels
+    # PIL's own guard (a warning above its limit, an error above twice) is replaced by the exact
+    # check in read_image/read_mask, made from the header before anything is decoded.
+    Image.MAX_IMAGE_PIXELS = None
 
 
 def get_max_pixels() -> int | None:
