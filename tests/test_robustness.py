@@ -375,3 +375,7 @@ def test_save_killed_mid_write_keeps_previous_model(model: Path, tmp_path: Path)
     others = sorted(p.name for p in tmp_path.iterdir() if p != target)
     assert all(n.startswith(".model.safetensors.") and n.endswith(".tmp") for n in others)
     assert len(others) == 1  # the stale temporary file of the killed write, nothing else
+    stale = tmp_path / others[0]
+    os.utime(stale, (stale.stat().st_atime - 7200, stale.stat().st_mtime - 7200))
+    patchad.load(target).save(target, force=True)  # the next save cleans it up
+    assert sorted(tmp_path.iterdir()) == [target]
