@@ -379,3 +379,73 @@ def test_save_killed_mid_write_keeps_previous_model(model: Path, tmp_path: Path)
     os.utime(stale, (stale.stat().st_atime - 7200, stale.stat().st_mtime - 7200))
     patchad.load(target).save(target, force=True)  # the next save cleans it up
     assert sorted(tmp_path.iterdir()) == [target]
+
+
+# ---------------------------------------------------------------------------- evaluate
+def _has_command(name: str) -> bool:
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    return name in sub.choices
+
+
+needs_evaluate = pytest.mark.skipif(
+    not _has_command("evaluate"), reason="`patchad evaluate` is not on this branch yet"
+)
+
+
+def _category(root: Path) -> Path:
+    """A tiny MVTec-layout category: test/good, test/crack with masks."""
+    _good_images(root / "train" / "good", 2)
+    _good_images(root / "test" / "good", 2)
+    _good_images(root / "test" / "crack", 2)
+    for i in range(2):
+        mask = np.zeros((64, 64), dtype=np.uint8)
+        mask[10:20, 10:20] = 255
+        (root / "ground_truth" / "crack").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(mask).save(root / "ground_truth" / "crack" / f"good_{i}_mask.png")
+    return root
+
+
+@needs_evaluate
+@pytest.mark.parametrize("kind", sorted(badinputs.BAD_IMAGE_KINDS))
+def test_evaluate_bad_image(
+    kind: str, model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = badinputs.BAD_IMAGE_KINDS[kind]
+    cat = _category(tmp_path / "cat")
+    bad = spec.make(cat / "test" / "good")
+    out = tmp_path / "metrics.json"
+    argv = ["-q", "evaluate", "--model", str(model), "--data", str(cat), "--out", str(out)]
+    code, err = run(capsys, tmp_path, out, argv)
+    assert code == 2
+    _error_line(err, bad, spec.error)
+
+
+@needs_evaluate
+@pytest.mark.parametrize("kind", sorted(badinputs.MODEL_KINDS))
+def test_evaluate_bad_model_file(
+    kind: str, model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make, fragment = badinputs.MODEL_KINDS[kind]
+    bad = make(model, tmp_path)
+    cat = _category(tmp_path / "cat")
+    out = tmp_path / "metrics.json"
+    argv = ["-q", "evaluate", "--model", str(bad), "--data", str(cat), "--out", str(out)]
+    code, err = run(capsys, tmp_path, out, argv)
+    assert code == 2
+    _error_line(err, bad, fragment)
+    assert not (tmp_path / "PWNED").exists()
+
+
+@needs_evaluate
+def test_evaluate_mask_of_wrong_size(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cat = _category(tmp_path / "cat")
+    wrong = cat / "ground_truth" / "crack" / "good_0_mask.png"
+    Image.fromarray(np.zeros((30, 20), dtype=np.uint8)).save(wrong)
+    out = tmp_path / "metrics.json"
+    argv = ["-q", "evaluate", "--model", str(model), "--data", str(cat), "--out", str(out)]
+    code, err = run(capsys, tmp_path, out, argv)
+    assert code == 2, err
+    assert "good_0_mask.png" in err
