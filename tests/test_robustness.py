@@ -80,7 +80,7 @@ def _good_images(folder: Path, n: int) -> None:
 
 def _fit_argv(data: Path, out: Path, *extra: str) -> list[str]:
     return [
-        "-q", "fit", "--data", str(data), "--backbone", LITE0, "--set", "image_size=64",
+        "-q", "fit", "--data", str(data), "--backbone", LITE0, "--set", "image_size=32",
         "--set", "coreset_ratio=0.5", "--set", "batch_size=4", "--out", str(out), *extra,
     ]  # fmt: skip
 
