@@ -16,6 +16,7 @@ import tempfile
 import time
 import traceback
 import typing
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -97,10 +98,19 @@ def cmd_fit(args: argparse.Namespace) -> int:
     images = training_images(args.data)
     _say(args, f"fitting {args.method} on {len(images)} images from {args.data}")
     start = time.perf_counter()
-    detector.fit(images, progress=not args.quiet)
+    detector.fit(images, progress=not args.quiet, skip_bad=args.skip_bad)
     detector.save(out, force=args.force)
-    _say(args, f"saved {out} ({time.perf_counter() - start:.1f} s)")
+    _summary(args, f"saved {out} ({time.perf_counter() - start:.1f} s)")
     return EXIT_OK
+
+
+def _summary(args: argparse.Namespace, message: str) -> None:
+    """The closing line; when images were skipped it is printed even with ``--quiet``."""
+    count = len(getattr(args, "skipped", []))
+    if count:
+        print(f"{message}; skipped {count} unreadable images", file=sys.stderr)
+    else:
+        _say(args, message)
 
 
 def output_names(paths: Sequence[Path], sources: Sequence[str]) -> list[str]:
@@ -137,30 +147,37 @@ def cmd_predict(args: argparse.Namespace) -> int:
     paths = resolve_sources(args.paths)
     out = ensure_out_dir(Path(args.out), args.force)
     names = output_names(paths, args.paths)
-    rows = []
+    todo: dict[str, list[str]] = {}
+    for path, name in zip(paths, names, strict=True):
+        todo.setdefault(str(path), []).append(name)
+    rows: list[tuple[str, str, float]] = []  # (path, output name, score)
     low, high = np.inf, -np.inf
-    batch = max(1, detector.batch_size)
     bar = tqdm(total=len(paths), desc="predict", unit="img", disable=args.quiet, leave=False)
-    for start in range(0, len(paths), batch * 4):
-        chunk = paths[start : start + batch * 4]
-        pred = detector.predict(chunk)
-        for path, name, score, amap in zip(
-            chunk, names[start:], pred.scores, pred.maps, strict=False
-        ):
-            target = out / "maps" / f"{name}.npy"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            save_npy_atomic(target, amap.astype(np.float32))
-            rows.append((str(path), float(score)))
-            low, high = min(low, float(amap.min())), max(high, float(amap.max()))
-        bar.update(len(chunk))
+    try:
+        for part in detector.iter_predict(paths, skip_bad=args.skip_bad):
+            for path_str, score, amap in zip(part.names, part.scores, part.maps, strict=True):
+                name = todo[path_str].pop(0)
+                target = out / "maps" / f"{name}.npy"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                save_npy_atomic(target, amap.astype(np.float32))
+                rows.append((path_str, name, float(score)))
+                low, high = min(low, float(amap.min())), max(high, float(amap.max()))
+            bar.update(len(part.names))
+    except PatchadError as exc:
+        bar.close()
+        raise PatchadError(
+            f"{exc}; stopped: {len(rows)} of {len(paths)} images scored (maps in {out / 'maps'}), "
+            f"{len(paths) - len(rows)} not scored, no scores.csv written "
+            "(use --skip-bad to skip unreadable images)"
+        ) from None
     bar.close()
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(["path", "score"])
-    writer.writerows((p, f"{s:.6g}") for p, s in rows)
+    writer.writerows((p, f"{s:.6g}") for p, _, s in rows)
     write_text_atomic(out / "scores.csv", text.getvalue())
-    for path, name in tqdm(
-        list(zip(paths, names, strict=True)),
+    for path, name, _ in tqdm(
+        rows,
         desc="overlays",
         unit="img",
         disable=args.quiet,
@@ -174,7 +191,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         from patchad.modelfile import atomic_write_bytes
 
         atomic_write_bytes(target, buffer.getvalue(), force=True)
-    _say(args, f"scored {len(paths)} images -> {out}/scores.csv, maps/, overlays/")
+    _summary(args, f"scored {len(rows)} images -> {out}/scores.csv, maps/, overlays/")
     return EXIT_OK
 
 
@@ -216,6 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"patchad {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or messages")
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        metavar="N",
+        help="largest image decoded, in pixels (default 150,000,000; 0 = no limit)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     fit = sub.add_parser("fit", help="learn normal from good images; write a model file")
@@ -241,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument("--out", required=True, help="model file to write (.safetensors)")
     fit.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    fit.add_argument(
+        "--skip-bad", action="store_true", help="skip unreadable images with a warning each"
+    )
     fit.set_defaults(func=cmd_fit)
 
     predict = sub.add_parser("predict", help="score images; write scores, maps and overlays")
@@ -249,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", required=True, help="output folder")
     predict.add_argument("--weights", help="backbone weights file, if not where it was at fit")
     predict.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    predict.add_argument(
+        "--skip-bad", action="store_true", help="skip unreadable images with a warning each"
+    )
     predict.set_defaults(func=cmd_predict)
 
     demo = sub.add_parser("demo", help="run end to end on built-in synthetic data, offline")
@@ -270,6 +299,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warnings(skipped: list[str]) -> Any:
+    """A ``warnings.showwarning`` that prints ``patchad: warning: ...`` on one line and records
+    skipped images."""
+    from patchad.loading import SkippedImageWarning
+
+    def show(message: Any, category: type[Warning], *_: Any, **__: Any) -> None:
+        if issubclass(category, SkippedImageWarning):
+            skipped.append(str(message))
+        text = " ".join(str(message).split())
+        print(f"patchad: warning: {text}", file=sys.stderr)
+
+    return show
+
+
 def _crash_report(exc: BaseException) -> Path:
     fd, name = tempfile.mkstemp(prefix="patchad-crash-", suffix=".txt")
     with os.fdopen(fd, "w") as handle:
@@ -284,7 +327,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in argv
     try:
         args = build_parser().parse_args(argv)
-        return int(args.func(args))
+        if args.max_pixels is not None and args.max_pixels < 0:
+            raise PatchadError(f"--max-pixels must be >= 0, got {args.max_pixels}")
+        from patchad.images import get_max_pixels, set_max_pixels
+
+        previous_limit = get_max_pixels()
+        if args.max_pixels is not None:
+            set_max_pixels(args.max_pixels)
+        args.skipped = []
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("always")
+                warnings.showwarning = _one_line_warnings(args.skipped)
+                return int(args.func(args))
+        finally:
+            set_max_pixels(previous_limit)
     except PatchadError as exc:
         print(f"patchad: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -14,14 +14,35 @@ from patchad.errors import PatchadError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 
-#: Largest image, in pixels, that is decoded unless the user raises the limit (a decompression-bomb
-#: guard). 20,000 x 20,000 would need 1.2 GB as RGB; this allows up to about 12,000 x 12,000.
+#: Largest image, in pixels (width x height), that is decoded unless the user raises the limit (a
+#: decompression-bomb guard, checked from the header before decoding). 20,000 x 20,000 would need
+#: 1.2 GB as RGB; this allows up to about 12,000 x 12,000.
 DEFAULT_MAX_PIXELS = 150_000_000
+
+_max_pixels: int | None = DEFAULT_MAX_PIXELS
 
 
 def set_max_pixels(max_pixels: int | None) -> None:
-    """Set the decompression-bomb limit for all later reads (``None`` disables it)."""
-    Image.MAX_IMAGE_PIXELS = max_pixels
+    """Set the decompression-bomb limit for all later reads (``None`` or 0 disables it)."""
+    global _max_pixels
+    _max_pixels = max_pixels or None
+    # PIL's own guard (a warning above its limit, an error above twice) is replaced by the exact
+    # check in read_image/read_mask, made from the header before anything is decoded.
+    Image.MAX_IMAGE_PIXELS = None
+
+
+def get_max_pixels() -> int | None:
+    """The current decompression-bomb limit, in pixels (``None``: no limit)."""
+    return _max_pixels
+
+
+def _check_size(path: Path, image: Image.Image) -> None:
+    width, height = image.size
+    if _max_pixels is not None and width * height > _max_pixels:
+        raise PatchadError(
+            f"{path}: image too large ({width} x {height} = {width * height:,} pixels, limit "
+            f"{_max_pixels:,}); raise the limit with --max-pixels"
+        )
 
 
 set_max_pixels(DEFAULT_MAX_PIXELS)
@@ -69,6 +90,7 @@ def read_image(path: str | os.PathLike[str]) -> Image.Image:
     p = Path(path)
     try:
         with Image.open(p) as handle:
+            _check_size(p, handle)
             handle.load()
             image = ImageOps.exif_transpose(handle) or handle
             rgb = to_rgb(image)
@@ -81,6 +103,8 @@ def read_image(path: str | os.PathLike[str]) -> Image.Image:
         raise PatchadError(
             f"{p}: image too large ({exc}); raise the limit with --max-pixels"
         ) from None
+    except (MemoryError, Image.DecompressionBombWarning):
+        raise PatchadError(f"{p}: image too large to decode in memory") from None
     except (OSError, SyntaxError, ValueError) as exc:
         if p.exists() and p.stat().st_size == 0:
             raise PatchadError(f"{p}: empty file (0 bytes)") from None
@@ -100,10 +124,13 @@ def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
     p = Path(path)
     try:
         with Image.open(p) as handle:
+            _check_size(p, handle)
             handle.load()
             array = np.asarray(handle)
     except FileNotFoundError:
         raise PatchadError(f"{p}: no such mask file") from None
+    except Image.DecompressionBombError as exc:
+        raise PatchadError(f"{p}: mask too large ({exc})") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise PatchadError(f"{p}: not a readable mask ({str(exc).splitlines()[0]})") from None
     if array.ndim == 3:

@@ -4,6 +4,7 @@ decoding overlapped with compute in a small thread pool."""
 from __future__ import annotations
 
 import os
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -60,38 +61,66 @@ def _load(
     return preprocess(image), image.size
 
 
+class SkippedImageWarning(UserWarning):
+    """An unreadable image was skipped (``skip_bad=True``); the message names the file."""
+
+
 def iter_batches(
     items: Sequence[ImageLike],
     preprocess: Callable[[Image.Image], Tensor],
     batch_size: int,
     *,
     workers: int = 2,
+    skip_bad: bool = False,
 ) -> Iterator[Batch]:
-    """Decode and preprocess images in threads, at most two batches ahead of the consumer."""
+    """Decode and preprocess images in threads, at most two batches ahead of the consumer.
+
+    Args:
+        skip_bad: skip images that cannot be read, with a :class:`SkippedImageWarning` each,
+            instead of raising at the first one.
+
+    Raises:
+        PatchadError: an image cannot be read (without ``skip_bad``), or none can (with it).
+    """
     names = [
         str(i) if not isinstance(i, Image.Image) else f"<image {n}>" for n, i in enumerate(items)
     ]
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending: deque[Future[tuple[Tensor, tuple[int, int]]]] = deque()
+        pending: deque[tuple[int, Future[tuple[Tensor, tuple[int, int]]]]] = deque()
         submitted = 0
+        yielded = 0
+        skipped: list[str] = []
 
         def top_up() -> None:
             nonlocal submitted
             while submitted < len(items) and len(pending) < 2 * batch_size:
-                pending.append(pool.submit(_load, items[submitted], preprocess))
+                pending.append((submitted, pool.submit(_load, items[submitted], preprocess)))
                 submitted += 1
 
-        done = 0
-        while done < len(items):
-            top_up()
-            count = min(batch_size, len(items) - done)
-            loaded = []
-            for _ in range(count):
-                loaded.append(pending.popleft().result())
+        top_up()
+        while pending:
+            loaded, batch_names = [], []
+            while pending and len(loaded) < batch_size:
+                index, future = pending.popleft()
+                try:
+                    loaded.append(future.result())
+                    batch_names.append(names[index])
+                except PatchadError as exc:
+                    if not skip_bad:
+                        for _, rest in pending:
+                            rest.cancel()
+                        raise
+                    skipped.append(names[index])
+                    warnings.warn(f"{exc}; skipped", SkippedImageWarning, stacklevel=2)
                 top_up()
-            yield Batch(
-                images=torch.stack([t for t, _ in loaded]),
-                sizes=[s for _, s in loaded],
-                names=names[done : done + count],
+            if loaded:
+                yielded += len(loaded)
+                yield Batch(
+                    images=torch.stack([t for t, _ in loaded]),
+                    sizes=[s for _, s in loaded],
+                    names=batch_names,
+                )
+        if not yielded:
+            raise PatchadError(
+                f"none of the {len(items)} images could be read (first: {skipped[0]})"
             )
-            done += count

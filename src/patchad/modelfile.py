@@ -5,16 +5,19 @@ so equal models give identical bytes) with: ``format`` (``"patchad"``), ``format
 ``patchad_version``, ``method``, ``config`` (the constructor parameters), ``state`` (learned
 non-tensor values), ``fingerprint`` (of the backbone weights) and ``checksum`` (SHA-256 of every
 tensor's name, dtype, shape and bytes). Writes are atomic: a temporary file in the same folder,
-fsync, then rename.
+fsync, then rename. A write killed mid-way leaves the old file intact and, at worst, a hidden
+``.<name>.*.tmp`` file, removed by the next successful write once it is an hour old.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +70,20 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, force: bool
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    _remove_stale_temporaries(target)
+
+
+#: Temporary files of ``atomic_write_bytes`` older than this (seconds) were left by a killed
+#: write, not by one in progress, and are removed by the next successful write of the same file.
+STALE_TMP_AGE = 3600.0
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    now = time.time()
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+        with contextlib.suppress(OSError):
+            if now - stale.stat().st_mtime > STALE_TMP_AGE:
+                stale.unlink()
 
 
 def write_model(

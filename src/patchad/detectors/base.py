@@ -133,28 +133,32 @@ class Detector:
         """Backbone feature maps of preprocessed images (B, 3, S, S), one per layer."""
         return self.extractor_(images)
 
-    def _feature_batches(self, images: Images, progress: bool, desc: str) -> Iterator[list[Tensor]]:
+    def _feature_batches(
+        self, images: Images, progress: bool, desc: str, skip_bad: bool = False
+    ) -> Iterator[list[Tensor]]:
         items = as_items(images)
-        batches = iter_batches(items, self.preprocess_, self.batch_size)
+        batches = iter_batches(items, self.preprocess_, self.batch_size, skip_bad=skip_bad)
         total = -(-len(items) // self.batch_size)
         for batch in tqdm(
             batches, total=total, desc=desc, unit="batch", disable=not progress, leave=False
         ):
             yield self.features(batch.images)
 
-    def fit(self, images: Images, *, progress: bool = False) -> Self:
+    def fit(self, images: Images, *, progress: bool = False, skip_bad: bool = False) -> Self:
         """Learn what normal looks like from defect-free images.
 
         Args:
             images: a folder, an image file, a PIL image, or a sequence of these.
             progress: show progress bars.
+            skip_bad: skip unreadable images with a ``SkippedImageWarning`` each instead of
+                raising ``PatchadError`` at the first one.
 
         Returns:
             self.
         """
         self._validate()
         self._build()
-        self._fit(self._feature_batches(images, progress, f"{self.method} fit"), progress)
+        self._fit(self._feature_batches(images, progress, f"{self.method} fit", skip_bad), progress)
         self.fingerprint_ = self.extractor_.fingerprint
         return self
 
@@ -166,21 +170,36 @@ class Detector:
             )
 
     @torch.inference_mode()
-    def predict(self, images: Images, *, progress: bool = False) -> Prediction:
+    def predict(
+        self, images: Images, *, progress: bool = False, skip_bad: bool = False
+    ) -> Prediction:
         """Score images; higher = more anomalous.
 
         Args:
             images: a folder, an image file, a PIL image, or a sequence of these.
             progress: show a progress bar.
+            skip_bad: skip unreadable images with a ``SkippedImageWarning`` each (they are then
+                absent from the result's ``names``) instead of raising at the first one.
 
         Returns:
             Image scores (B,) and anomaly maps at each image's original size.
         """
+        scores, maps, names = [], [], []
+        for part in self.iter_predict(images, progress=progress, skip_bad=skip_bad):
+            scores.append(part.scores)
+            maps.extend(part.maps)
+            names.extend(part.names)
+        return Prediction(scores=np.concatenate(scores).astype(np.float32), maps=maps, names=names)
+
+    def iter_predict(
+        self, images: Images, *, progress: bool = False, skip_bad: bool = False
+    ) -> Iterator[Prediction]:
+        """Like :meth:`predict`, one :class:`Prediction` per batch as soon as it is scored, so a
+        caller can keep what finished if a later image fails."""
         self._check_fitted("predict")
         items = as_items(images)
-        scores, maps, names = [], [], []
         total = -(-len(items) // self.batch_size)
-        batches = iter_batches(items, self.preprocess_, self.batch_size)
+        batches = iter_batches(items, self.preprocess_, self.batch_size, skip_bad=skip_bad)
         for batch in tqdm(
             batches,
             total=total,
@@ -189,11 +208,14 @@ class Detector:
             disable=not progress,
             leave=False,
         ):
-            s, m = self.predict_tensor(batch.images)
-            scores.append(s.numpy())
-            maps.extend(self.preprocess_.restore(m, batch.sizes))
-            names.extend(batch.names)
-        return Prediction(scores=np.concatenate(scores).astype(np.float32), maps=maps, names=names)
+            with torch.inference_mode():  # not held across the yield
+                s, m = self.predict_tensor(batch.images)
+                part = Prediction(
+                    scores=s.numpy().astype(np.float32),
+                    maps=self.preprocess_.restore(m, batch.sizes),
+                    names=list(batch.names),
+                )
+            yield part
 
     @torch.inference_mode()
     def predict_tensor(self, images: Tensor) -> tuple[Tensor, Tensor]:
