@@ -195,19 +195,164 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from patchad.datasets import load_category
+    from patchad.detectors import load
+    from patchad.evaluate import evaluate
+
+    if args.out is not None and Path(args.out).exists() and not args.force:
+        raise PatchadError(f"{args.out}: already exists (use --force to overwrite)")
+    if args.save_maps is not None:
+        ensure_out_dir(Path(args.save_maps), args.force)
+    if args.eval_size is not None and args.eval_size < 1:
+        raise PatchadError(f"--eval-size {args.eval_size}: must be a positive integer")
+    test_set = load_category(args.data, allow_missing_masks=args.allow_missing_masks)
+    detector = load(args.model, weights=args.weights)
+    report = evaluate(
+        detector,
+        test_set,
+        eval_size=args.eval_size,
+        save_maps=args.save_maps,
+        progress=not args.quiet,
+    )
+    result = {
+        "model": str(args.model),
+        "data": str(args.data),
+        "method": detector.method,
+        "eval_size": args.eval_size,
+        **report.to_row(),
+    }
+    text = json.dumps(result, indent=1, allow_nan=False)
+    print(text)
+    if args.out is not None:
+        write_text_atomic(Path(args.out), text + "\n")
+    if test_set.n_missing_masks:
+        _say(args, f"{test_set.n_missing_masks} defective images had no mask (image metrics only)")
+    return EXIT_OK
+
+
+def _benchmark_settings(
+    methods: Sequence[str], args: argparse.Namespace, base: dict[str, Any] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Constructor arguments per method: the method's defaults, then ``base``, then
+    ``--backbone``/``--weights``, then ``--set key=value`` (every method that has ``key``) and
+    ``--set method.key=value`` (that method only)."""
+    from patchad.detectors import DETECTORS
+    from patchad.params import parse_settings
+
+    out: dict[str, dict[str, Any]] = {}
+    pairs = list(args.set or [])
+    for pair in pairs:
+        key = pair.partition("=")[0].strip()
+        method, dot, name = key.partition(".")
+        if dot and method not in methods:
+            raise PatchadError(f"--set {pair}: method {method!r} is not in --methods")
+        if not dot and not any(key in DETECTORS[m].param_types() for m in methods):
+            raise PatchadError(f"--set {pair}: no method in --methods has a parameter {key!r}")
+    for m in methods:
+        types_by_name = DETECTORS[m].param_types()
+        settings = {k: v for k, v in (base or {}).items() if k in types_by_name}
+        if args.backbone is not None:
+            settings["backbone"] = args.backbone
+        if args.weights is not None:
+            settings["weights"] = args.weights
+        mine = []
+        for pair in pairs:
+            key, _, value = pair.partition("=")
+            method, dot, name = key.strip().partition(".")
+            if dot and method == m:
+                mine.append(f"{name}={value}")
+            elif not dot and key.strip() in types_by_name:
+                mine.append(pair)
+        settings.update(parse_settings(mine, types_by_name))
+        out[m] = settings
+    return out
+
+
+def _maybe_report(args: argparse.Namespace, out: Path) -> None:
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec("patchad.report") is None:
+        return
+    report = importlib.import_module("patchad.report").write_report(out)
+    _say(args, f"report written to {report}")
+
+
+def _run_benchmark(
+    args: argparse.Namespace, data: Path, out: Path, base: dict[str, Any] | None = None
+) -> None:
+    from patchad.benchmark import run_benchmark
+    from patchad.detectors import DETECTORS
+
+    methods = [m.strip() for m in (args.methods or ",".join(DETECTORS)).split(",") if m.strip()]
+    unknown = [m for m in methods if m not in DETECTORS]
+    if unknown or not methods:
+        raise PatchadError(
+            f"--methods: unknown method {', '.join(unknown) or '(none)'}; "
+            f"choose from {', '.join(DETECTORS)}"
+        )
+    categories = [c.strip() for c in (args.categories or "").split(",") if c.strip()]
+    settings = _benchmark_settings(methods, args, base)
+    for m in methods:
+        DETECTORS[m](**settings[m])._validate()
+    run_benchmark(
+        data,
+        out,
+        methods=methods,
+        settings=settings,
+        categories=categories or None,
+        save_maps=args.save_maps,
+        resume=args.resume,
+        shift_test=args.shift_test,
+        allow_missing_masks=args.allow_missing_masks,
+        command="patchad " + " ".join(sys.argv[1:] if args.argv is None else args.argv),
+        progress=not args.quiet,
+        say=lambda message: _say(args, message),
+    )
+    _say(args, f"results written to {out}/results.json, results.csv, results.md")
+    _maybe_report(args, out)
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if args.shift_test is not None and args.shift_test < 1:
+        raise PatchadError(f"--shift-test {args.shift_test}: must be a positive integer")
+    ensure_out_dir(out, args.force or args.resume)
+    if args.save_maps is not None:
+        ensure_out_dir(Path(args.save_maps), args.force or args.resume)
+    _run_benchmark(args, Path(args.data), out)
+    return EXIT_OK
+
+
+#: Fast settings of ``patchad demo`` (all methods): 128 px input, the bundled backbone.
+DEMO_SETTINGS: dict[str, Any] = {"image_size": 128, "coreset_ratio": 0.1}
+#: ``patchad demo`` evaluates robustness to a shift of this many pixels and degrees.
+DEMO_SHIFT = 4
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from patchad.demo import make_demo_dataset
-    from patchad.detectors import PatchCore
 
     out = ensure_out_dir(Path(args.out), args.force)
-    data = make_demo_dataset(out / "data")
+    data = make_demo_dataset(out / "data", n_train=30, n_test_good=10, n_test_defect=5, size=128)
     _say(args, f"demo data written to {data}")
-    for category in sorted(p.name for p in data.iterdir()):
-        detector = PatchCore(backbone="tf_efficientnet_lite0", coreset_ratio=0.1)
-        detector.fit(data / category / "train" / "good", progress=not args.quiet)
-        model = out / f"{category}.safetensors"
-        detector.save(model, force=True)
-        _say(args, f"{category}: model saved to {model}")
+    bench = argparse.Namespace(
+        methods=None,
+        categories=None,
+        backbone="tf_efficientnet_lite0",
+        weights=None,
+        set=None,
+        save_maps=None,
+        resume=False,
+        shift_test=DEMO_SHIFT,
+        allow_missing_masks=False,
+        quiet=args.quiet,
+        argv=args.argv,
+    )
+    _run_benchmark(bench, data, out, DEMO_SETTINGS)
     return EXIT_OK
 
 
@@ -280,6 +425,50 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.set_defaults(func=cmd_predict)
 
+    evaluate = sub.add_parser("evaluate", help="metrics of a model on a test set, as JSON")
+    evaluate.add_argument("--model", required=True, help="model file from `patchad fit`")
+    evaluate.add_argument("--data", required=True, help="category folder (MVTec or plain layout)")
+    evaluate.add_argument(
+        "--save-maps", metavar="DIR", help="write DIR/<type>/<name>.npy, scores.csv"
+    )
+    evaluate.add_argument("--out", help="write the metrics JSON to this file")
+    evaluate.add_argument(
+        "--eval-size", type=int, metavar="N", help="pixel metrics at NxN (default: original size)"
+    )
+    evaluate.add_argument(
+        "--allow-missing-masks",
+        action="store_true",
+        help="evaluate defective images without a mask on image metrics only",
+    )
+    evaluate.add_argument("--weights", help="backbone weights file, if not where it was at fit")
+    evaluate.add_argument("--force", action="store_true", help="overwrite --out / --save-maps")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    bench = sub.add_parser("benchmark", help="fit and evaluate methods x categories")
+    bench.add_argument("--data", required=True, help="a category folder or a root of categories")
+    bench.add_argument("--categories", metavar="A,B", help="subset of categories (default: all)")
+    bench.add_argument("--methods", metavar="A,B", help=f"default: all ({','.join(DETECTORS)})")
+    bench.add_argument("--backbone", help="timm backbone name for every method")
+    bench.add_argument("--weights", help="local backbone weights file (.pth or .safetensors)")
+    bench.add_argument(
+        "--set",
+        action="append",
+        metavar="[METHOD.]KEY=VALUE",
+        help="a constructor parameter for every method that has it, or for one (repeatable)",
+    )
+    bench.add_argument("--save-maps", metavar="DIR", help="write DIR/<method>/<category>/...npy")
+    bench.add_argument("--resume", action="store_true", help="keep finished rows; skip them")
+    bench.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    bench.add_argument(
+        "--shift-test",
+        type=int,
+        metavar="N",
+        help="also evaluate on test images shifted by N px and rotated by N degrees",
+    )
+    bench.add_argument("--allow-missing-masks", action="store_true", help="see `patchad evaluate`")
+    bench.add_argument("--out", required=True, help="output folder")
+    bench.set_defaults(func=cmd_benchmark)
+
     demo = sub.add_parser("demo", help="run end to end on built-in synthetic data, offline")
     demo.add_argument("--out", default="patchad-demo", help="output folder (default patchad-demo)")
     demo.add_argument("--force", action="store_true", help="write into a non-empty --out")
@@ -335,6 +524,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.max_pixels is not None:
             set_max_pixels(args.max_pixels)
         args.skipped = []
+        args.argv = argv
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("always")

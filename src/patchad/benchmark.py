@@ -1,0 +1,455 @@
+"""Benchmark: fit and evaluate each method on each category; write the files of the results
+schema (``results.json``/``.csv``/``.md``, ``runs/``) after every finished row, atomically, so an
+interrupted run never loses finished rows.
+
+Peak memory (``peak_mem_mb``) is the largest resident set size of the process sampled every
+20 ms from ``/proc/self/statm`` by a background thread while the row runs (fit + predict);
+``ru_maxrss`` cannot be reset between rows and tracemalloc misses torch's allocations. Where
+``/proc`` is absent it falls back to ``ru_maxrss`` (a process-wide peak).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import io
+import json
+import math
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from patchad.datasets import TestSet, find_categories, load_category
+from patchad.errors import PatchadError
+from patchad.evaluate import Report, evaluate, rotate_pair, shift_pair
+from patchad.images import read_image
+from patchad.modelfile import atomic_write_bytes
+
+__all__ = ["RSSSampler", "git_sha", "run_benchmark"]
+
+THUMB = 128
+METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
+COSTS = ("fit_s", "ms_per_image", "peak_mem_mb", "model_mb")
+COLUMNS = (
+    "method",
+    "category",
+    "variant",
+    *METRICS,
+    *COSTS,
+    "n_train",
+    "n_test",
+    "git_sha",
+)
+
+
+class RSSSampler:
+    """Peak resident memory (MB) of this process between ``start`` and ``stop``."""
+
+    def __init__(self, interval: float = 0.02) -> None:
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+    def _rss(self) -> int:
+        try:
+            with open("/proc/self/statm") as handle:
+                return int(handle.read().split()[1]) * self._page
+        except OSError:
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> RSSSampler:
+        self.peak = self._rss()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+    @property
+    def peak_mb(self) -> float:
+        return self.peak / 2**20
+
+
+def git_sha() -> str:
+    """Short commit of the patchad source tree (``+dirty`` if modified), or ``"unknown"``."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+# ---------------------------------------------------------------------- files
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=1, allow_nan=False).encode(), force=True)
+
+
+def _write_npz(path: Path, **arrays: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue(), force=True)
+
+
+def _mean(values: list[Any]) -> float | None:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(vals)) if vals else None
+
+
+def mean_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One ``category="mean"`` row per (method, variant) over its category rows."""
+    out = []
+    keys = []
+    for r in rows:
+        if r["category"] != "mean" and (r["method"], r["variant"]) not in keys:
+            keys.append((r["method"], r["variant"]))
+    for method, variant in keys:
+        group = [
+            r
+            for r in rows
+            if r["method"] == method and r["variant"] == variant and r["category"] != "mean"
+        ]
+        row: dict[str, Any] = {"method": method, "category": "mean", "variant": variant}
+        for key in (*METRICS, *COSTS):
+            row[key] = _mean([r[key] for r in group])
+        row["n_train"] = sum(r["n_train"] for r in group)
+        row["n_test"] = sum(r["n_test"] for r in group)
+        row["config"] = group[0]["config"]
+        row["per_type"] = {}
+        row["git_sha"] = group[0]["git_sha"]
+        out.append(row)
+    return out
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def write_results(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    """Rewrite results.json/.csv/.md from the category rows (mean rows recomputed)."""
+    body = [r for r in rows if r["category"] != "mean"]
+    body.sort(key=lambda r: (r["variant"] != "original", r["variant"], r["category"], r["method"]))
+    allrows = body + mean_rows(body)
+    _write_json(out / "results.json", {"version": 1, "rows": allrows, "meta": meta})
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow([*COLUMNS, "config"])
+    for r in allrows:
+        writer.writerow([_fmt(r[c]) for c in COLUMNS] + [json.dumps(r["config"], sort_keys=True)])
+    atomic_write_bytes(out / "results.csv", text.getvalue().encode(), force=True)
+    md = [
+        f"# patchad benchmark\n\n`{meta['command']}`\n\ngit {meta['git_sha']}, {meta['date']}, "
+        f"data `{meta['data']}`. Best value per category and variant in **bold** (metrics: "
+        "highest; costs: lowest). Timings are wall-clock on a shared machine.\n",
+        "| " + " | ".join(COLUMNS[:-1]) + " |",
+        "|" + "---|" * (len(COLUMNS) - 1),
+    ]
+    for r in allrows:
+        peers = [
+            p for p in allrows if p["category"] == r["category"] and p["variant"] == r["variant"]
+        ]
+        cells = []
+        for c in COLUMNS[:-1]:
+            cell = _fmt(r[c])
+            if c in METRICS or c in COSTS:
+                vals = [p[c] for p in peers if p[c] is not None]
+                if len(peers) > 1 and r[c] is not None and vals:
+                    best = max(vals) if c in METRICS else min(vals)
+                    if r[c] == best:
+                        cell = f"**{cell}**"
+            cells.append(cell or "n/a")
+        md.append("| " + " | ".join(cells) + " |")
+    atomic_write_bytes(out / "results.md", ("\n".join(md) + "\n").encode(), force=True)
+
+
+# ---------------------------------------------------------------------- thumbnails
+
+
+def _thumb_image(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.resize((THUMB, THUMB), Image.Resampling.BILINEAR), dtype=np.uint8)
+
+
+def _thumb_mask(mask: np.ndarray | None) -> np.ndarray:
+    if mask is None:
+        return np.zeros((THUMB, THUMB), dtype=bool)
+    m = Image.fromarray(mask.astype(np.uint8) * 255)
+    return np.asarray(m.resize((THUMB, THUMB), Image.Resampling.NEAREST)) > 0
+
+
+def _thumb_map(amap: np.ndarray) -> np.ndarray:
+    t = torch.from_numpy(np.ascontiguousarray(amap, dtype=np.float32))[None, None]
+    small = F.interpolate(t, size=(THUMB, THUMB), mode="bilinear", align_corners=False)
+    return small[0, 0].numpy().astype(np.float16)
+
+
+def write_images_file(path: Path, test_set: TestSet, shift_test: int | None) -> None:
+    """``runs/_images/<category>.npz``: method-independent thumbnails of the test images."""
+    from patchad.images import read_mask
+
+    samples = test_set.samples
+    n = len(samples)
+    arrays: dict[str, np.ndarray] = {
+        "paths": np.array([str(s.path) for s in samples]),
+        "types": np.array([s.defect_type for s in samples]),
+        "labels": np.array([s.label for s in samples], dtype=np.int64),
+        "images": np.zeros((n, THUMB, THUMB, 3), dtype=np.uint8),
+        "masks": np.zeros((n, THUMB, THUMB), dtype=bool),
+        "defect_area": np.zeros(n, dtype=np.float32),
+    }
+    variants = {}
+    if shift_test is not None:
+        variants = {"shift": shift_pair(shift_test), "rotate": rotate_pair(shift_test)}
+        for v in variants:
+            arrays[f"images_{v}"] = np.zeros((n, THUMB, THUMB, 3), dtype=np.uint8)
+            arrays[f"masks_{v}"] = np.zeros((n, THUMB, THUMB), dtype=bool)
+    for i, s in enumerate(samples):
+        image = read_image(s.path)
+        mask = read_mask(s.mask_path) if s.mask_path is not None else None
+        arrays["images"][i] = _thumb_image(image)
+        arrays["masks"][i] = _thumb_mask(mask)
+        if mask is not None:
+            arrays["defect_area"][i] = float(mask.mean())
+        for v, fn in variants.items():
+            ti, tm = fn(image, mask)
+            arrays[f"images_{v}"][i] = _thumb_image(ti)
+            arrays[f"masks_{v}"][i] = _thumb_mask(tm)
+    _write_npz(path, **arrays)
+
+
+# ---------------------------------------------------------------------- main loop
+
+
+def _row(
+    method: str,
+    test_set: TestSet,
+    variant: str,
+    report: Report,
+    *,
+    fit_s: float,
+    peak_mb: float,
+    model_mb: float,
+    config: dict[str, Any],
+    sha: str,
+) -> dict[str, Any]:
+    return {
+        "method": method,
+        "category": test_set.name,
+        "variant": variant,
+        "image_auroc": report.image_auroc,
+        "pixel_auroc": report.pixel_auroc,
+        "aupro": report.aupro,
+        "f1_max": report.f1_max,
+        "fit_s": fit_s,
+        "ms_per_image": report.ms_per_image,
+        "peak_mem_mb": peak_mb,
+        "model_mb": model_mb,
+        "n_train": len(test_set.train),
+        "n_test": report.n_test,
+        "config": config,
+        "per_type": report.per_type,
+        "git_sha": sha,
+    }
+
+
+def _jsonable(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
+
+
+def run_benchmark(
+    data: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    methods: Sequence[str],
+    settings: dict[str, dict[str, Any]],
+    categories: Sequence[str] | None = None,
+    save_maps: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    shift_test: int | None = None,
+    allow_missing_masks: bool = False,
+    command: str = "",
+    progress: bool = False,
+    say: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Fit and evaluate each method on each category; return all rows (means included).
+
+    Args:
+        data: a category folder or a root of categories.
+        out: output folder (must exist).
+        methods: names in :data:`patchad.detectors.DETECTORS`.
+        settings: constructor arguments per method.
+        categories: subset of category names (default: all found).
+        save_maps: write ``<save_maps>/<method>/<category>/<type>/<name>.npy`` and ``scores.csv``.
+        resume: keep the rows of an existing ``results.json`` and skip finished (method,
+            category) pairs.
+        shift_test: also evaluate on test images shifted by N px and rotated by N degrees.
+        allow_missing_masks: see :func:`patchad.datasets.load_category`.
+        command: the command line, recorded in ``meta``.
+    """
+    from patchad.detectors import DETECTORS
+
+    out = Path(out)
+    folders = find_categories(data)
+    if categories:
+        by_name = {f.name: f for f in folders}
+        unknown = [c for c in categories if c not in by_name]
+        if unknown:
+            raise PatchadError(
+                f"{data}: no category {', '.join(unknown)} (found: {', '.join(by_name)})"
+            )
+        folders = [by_name[c] for c in categories]
+    sha = git_sha()
+    rows: list[dict[str, Any]] = []
+    results = out / "results.json"
+    if resume and results.exists():
+        try:
+            rows = [r for r in json.loads(results.read_text())["rows"] if r["category"] != "mean"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise PatchadError(f"{results}: not a readable results file ({exc})") from None
+    meta = {
+        "git_sha": sha,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "data": str(data),
+        "shift_test": shift_test,
+    }
+    done = {(r["method"], r["category"]) for r in rows if r["variant"] == "original"}
+    for folder in folders:
+        test_set = load_category(folder, allow_missing_masks=allow_missing_masks)
+        todo = [m for m in methods if (m, test_set.name) not in done]
+        if not todo:
+            say(f"{test_set.name}: all methods done, skipped (--resume)")
+            continue
+        images_file = out / "runs" / "_images" / f"{test_set.name}.npz"
+        write_images_file(images_file, test_set, shift_test)
+        for method in todo:
+            say(f"{method} on {test_set.name}: fit on {len(test_set.train)} images")
+            detector = DETECTORS[method](**settings.get(method, {}))
+            with RSSSampler() as sampler:
+                t0 = time.perf_counter()
+                detector.fit(list(test_set.train), progress=progress)
+                fit_s = time.perf_counter() - t0
+                model = out / "models" / f"{method}__{test_set.name}.safetensors"
+                detector.save(model, force=True)
+                model_mb = model.stat().st_size / 2**20
+                run_dir = out / "runs" / method / test_set.name
+                arrays: dict[str, np.ndarray] = {}
+                n = len(test_set.samples)
+                thumbs = np.zeros((n, THUMB, THUMB), dtype=np.float16)
+
+                def keep(i, s, score, amap, mask, image, thumbs=thumbs):
+                    thumbs[i] = _thumb_map(amap)
+
+                maps_dir = None
+                if save_maps is not None:
+                    maps_dir = Path(save_maps) / method / test_set.name
+                report = evaluate(
+                    detector, test_set, save_maps=maps_dir, on_map=keep, progress=progress
+                )
+            config = _jsonable(detector.get_params())
+            new_rows = [
+                _row(
+                    method,
+                    test_set,
+                    "original",
+                    report,
+                    fit_s=fit_s,
+                    peak_mb=sampler.peak_mb,
+                    model_mb=model_mb,
+                    config=config,
+                    sha=sha,
+                )
+            ]
+            arrays.update(
+                scores=report.scores,
+                thumbs=thumbs,
+                map_min=np.float32(report.map_min),
+                map_max=np.float32(report.map_max),
+            )
+            curves = {
+                "roc": {"fpr": report.roc[0], "tpr": report.roc[1]},
+                "pro": {"fpr": report.pro[0], "pro": report.pro[1]},
+            }
+            if shift_test is not None:
+                for variant, fn in (
+                    ("shift", shift_pair(shift_test)),
+                    ("rotate", rotate_pair(shift_test)),
+                ):
+                    vthumbs = np.zeros((n, THUMB, THUMB), dtype=np.float16)
+
+                    def keep_v(i, s, score, amap, mask, image, vthumbs=vthumbs):
+                        vthumbs[i] = _thumb_map(amap)
+
+                    with RSSSampler() as vs:
+                        vreport = evaluate(
+                            detector, test_set, transform=fn, on_map=keep_v, progress=progress
+                        )
+                    new_rows.append(
+                        _row(
+                            method,
+                            test_set,
+                            variant,
+                            vreport,
+                            fit_s=fit_s,
+                            peak_mb=max(vs.peak_mb, sampler.peak_mb),
+                            model_mb=model_mb,
+                            config=config,
+                            sha=sha,
+                        )
+                    )
+                    arrays[f"scores_{variant}"] = vreport.scores
+                    arrays[f"thumbs_{variant}"] = vthumbs
+            _write_npz(run_dir / "predictions.npz", **arrays)
+            _write_json(run_dir / "curves.json", curves)
+            rows = [r for r in rows if (r["method"], r["category"]) != (method, test_set.name)]
+            rows.extend(new_rows)
+            write_results(out, rows, meta)
+            r = new_rows[0]
+            say(
+                f"{method} on {test_set.name}: image AUROC {_fmt(r['image_auroc']) or 'n/a'}, "
+                f"pixel AUROC {_fmt(r['pixel_auroc']) or 'n/a'}, AU-PRO "
+                f"{_fmt(r['aupro']) or 'n/a'} (fit {fit_s:.1f} s, "
+                f"{r['ms_per_image']:.0f} ms/img)"
+            )
+    write_results(out, rows, meta)
+    return json.loads(results.read_text())["rows"]
