@@ -96,6 +96,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     detector._validate()
     images = training_images(args.data)
     _say(args, f"fitting {args.method} on {len(images)} images from {args.data}")
+    if hasattr(detector, "describe_memory"):
+        _say(args, detector.describe_memory(len(images)))
     start = time.perf_counter()
     detector.fit(images, progress=not args.quiet)
     detector.save(out, force=args.force)
@@ -207,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"patchad {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or messages")
+    parser.add_argument(
+        "--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's choice)"
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     fit = sub.add_parser("fit", help="learn normal from good images; write a model file")
@@ -263,6 +268,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in argv
     try:
         args = build_parser().parse_args(argv)
+        if args.threads is not None:
+            if args.threads < 1:
+                raise PatchadError(f"--threads must be >= 1, got {args.threads}")
+            import torch
+
+            torch.set_num_threads(args.threads)
         return int(args.func(args))
     except PatchadError as exc:
         print(f"patchad: error: {exc}", file=sys.stderr)
