@@ -1,4 +1,7 @@
-import time, torch, faiss, sys
+import sys
+import time
+
+import torch
 
 sys.path.insert(0, "src")
 from patchad.ops.knn import knn, squared_norms

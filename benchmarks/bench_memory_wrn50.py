@@ -12,10 +12,10 @@ import sys
 import time
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-from _common import BOTTLE, RESULTS, header, peak_rss_mb  # noqa: E402
+from _common import BOTTLE, RESULTS, header, peak_rss_mb
 
-from patchad.detectors import PatchCore  # noqa: E402
-from patchad.images import list_images  # noqa: E402
+from patchad.detectors import PatchCore
+from patchad.images import list_images
 
 
 def main() -> None:

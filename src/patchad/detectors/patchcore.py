@@ -15,9 +15,9 @@ from patchad.features import backbone_info, layer_indices
 from patchad.loading import Images, as_items
 from patchad.ops.coreset import greedy_coreset, random_projection
 from patchad.ops.knn import BACKENDS, SearchIndex
-from patchad.store import RowStore
 from patchad.ops.patches import align_and_concat, local_aggregate, reduce_channels
 from patchad.ops.scores import reweighted_image_score
+from patchad.store import RowStore
 
 if TYPE_CHECKING:
     from typing_extensions import Self
