@@ -40,7 +40,8 @@ def test_ivf_is_exact_when_probing_every_cell():
     ivf = SearchIndex(bank, backend="faiss-ivf", nlist=20, nprobe=20).search(query, 1)[1]
     assert torch.equal(exact, ivf)
     approx = SearchIndex(bank, backend="faiss-ivf").search(query, 2)
-    assert approx[0].shape == (200, 2) and approx[1].shape == (200, 2)
+    assert approx[0].shape == (200, 2)
+    assert approx[1].shape == (200, 2)
 
 
 def test_auto_backend_rule():
@@ -62,7 +63,8 @@ def test_row_store_memory_and_disk_agree(dtype, tmp_path, monkeypatch):
         s.append(x[60:])
     index = torch.tensor([5, 99, 0, 5, 42])
     a, b = (s.gather(index) for s in stores)
-    assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b)
+    assert a.dtype == b.dtype == torch.float32
+    assert torch.equal(a, b)
     tol = 0 if dtype == "float32" else 1e-2
     torch.testing.assert_close(a, x[index], rtol=tol, atol=tol)
     for s in stores:
@@ -110,11 +112,23 @@ def test_too_small_max_memory_refuses_before_any_work(demo_root, monkeypatch):
 def test_cli_refuses_too_small_max_memory(demo_root, tmp_path, capsys):
     out = tmp_path / "m.safetensors"
     code = main(
-        ["fit", "--data", str(demo_root / "object"), "--backbone", LITE0, "--out", str(out)]
-        + ["--set", "image_size=64", "--set", "max_memory_mb=1"]
+        [
+            "fit",
+            "--data",
+            str(demo_root / "object"),
+            "--backbone",
+            LITE0,
+            "--out",
+            str(out),
+            "--set",
+            "image_size=64",
+            "--set",
+            "max_memory_mb=1",
+        ]
     )
     err = capsys.readouterr().err
-    assert code == 2 and not out.exists()
+    assert code == 2
+    assert not out.exists()
     assert "memory estimate:" in err
     assert err.strip().splitlines()[-1].startswith("patchad: error: fitting 16 images needs")
 
