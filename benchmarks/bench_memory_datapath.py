@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, header, peak_rss_mb  # noqa: E402
+from _common import RESULTS, header, peak_rss_mb
 
-import patchad.detectors.patchcore as pc  # noqa: E402
+import patchad.detectors.patchcore as pc
 
 
 def main() -> None:
