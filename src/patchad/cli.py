@@ -97,6 +97,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     detector._validate()
     images = training_images(args.data)
     _say(args, f"fitting {args.method} on {len(images)} images from {args.data}")
+    if hasattr(detector, "describe_memory"):
+        _say(args, detector.describe_memory(len(images)))
     start = time.perf_counter()
     detector.fit(images, progress=not args.quiet, skip_bad=args.skip_bad)
     detector.save(out, force=args.force)
@@ -384,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="largest image decoded, in pixels (default 150,000,000; 0 = no limit)",
     )
+    parser.add_argument(
+        "--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's choice)"
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     fit = sub.add_parser("fit", help="learn normal from good images; write a model file")
@@ -518,6 +523,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.max_pixels is not None and args.max_pixels < 0:
             raise PatchadError(f"--max-pixels must be >= 0, got {args.max_pixels}")
+        if args.threads is not None:
+            if args.threads < 1:
+                raise PatchadError(f"--threads must be >= 1, got {args.threads}")
+            import torch
+
+            torch.set_num_threads(args.threads)
         from patchad.images import get_max_pixels, set_max_pixels
 
         previous_limit = get_max_pixels()

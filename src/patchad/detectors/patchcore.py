@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from patchad.detectors.base import Detector
 from patchad.errors import ConfigError
+from patchad.features import backbone_info, layer_indices
+from patchad.loading import Images, as_items
 from patchad.ops.coreset import greedy_coreset, random_projection
-from patchad.ops.knn import knn, squared_norms
+from patchad.ops.knn import BACKENDS, SearchIndex
 from patchad.ops.patches import align_and_concat, local_aggregate, reduce_channels
 from patchad.ops.scores import reweighted_image_score
+from patchad.store import RowStore
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+MB = 1024 * 1024
+#: ``feature_storage="auto"`` spills full features to disk above this size (or above a quarter of
+#: ``max_memory``), so the fit stays memory-bounded on big training sets.
+AUTO_DISK_BYTES = 2048 * MB
 
 
 class PatchCore(Detector):
@@ -36,7 +49,16 @@ class PatchCore(Detector):
         blur_sigma: Gaussian sigma of the anomaly map, in input pixels (4).
         batch_size: images per forward pass.
         seed: seeds the projection and the coreset's first point.
-        search: nearest-neighbour backend, ``"torch"`` or ``"faiss"``.
+        search: nearest-neighbour backend: ``"torch"`` (exact, chunked), ``"faiss"`` (exact
+            ``IndexFlatL2``), ``"faiss-ivf"`` (approximate, for banks over a million patches), or
+            ``"auto"`` (see :func:`patchad.ops.knn.auto_backend`).
+        feature_dtype: precision of the stored full-dimensional training features,
+            ``"float32"`` or ``"float16"`` (halves their memory; the bank is float32 either way).
+        feature_storage: where full features wait while the coreset runs: ``"memory"``,
+            ``"disk"`` (an unlinked temporary file; only the selected rows are read back), or
+            ``"auto"`` (disk when they would exceed 2 GiB or a quarter of ``max_memory``).
+        max_memory_mb: refuse to fit, before any work, when :meth:`memory_estimate` exceeds
+            this many MiB (None = no limit).
 
     Example:
         >>> from patchad.demo import demo_images
@@ -69,7 +91,10 @@ class PatchCore(Detector):
         blur_sigma: float = 4.0,
         batch_size: int = 8,
         seed: int = 0,
-        search: str = "torch",
+        search: str = "auto",
+        feature_dtype: str = "float32",
+        feature_storage: str = "auto",
+        max_memory_mb: int | None = None,
     ) -> None:
         super().__init__(
             backbone=backbone,
@@ -89,6 +114,9 @@ class PatchCore(Detector):
         self.reweight = reweight
         self.reweight_neighbors = reweight_neighbors
         self.search = search
+        self.feature_dtype = feature_dtype
+        self.feature_storage = feature_storage
+        self.max_memory_mb = max_memory_mb
 
     def _validate(self) -> None:
         super()._validate()
@@ -104,8 +132,112 @@ class PatchCore(Detector):
             raise ConfigError(f"num_neighbors must be >= 1, got {self.num_neighbors!r}")
         if self.reweight_neighbors < 1:
             raise ConfigError(f"reweight_neighbors must be >= 1, got {self.reweight_neighbors!r}")
-        if self.search not in ("torch", "faiss"):
-            raise ConfigError(f"search must be 'torch' or 'faiss', got {self.search!r}")
+        if self.search not in BACKENDS:
+            raise ConfigError(f"search must be one of {list(BACKENDS)}, got {self.search!r}")
+        if self.feature_dtype not in ("float32", "float16"):
+            raise ConfigError(
+                f"feature_dtype must be 'float32' or 'float16', got {self.feature_dtype!r}"
+            )
+        if self.feature_storage not in ("auto", "memory", "disk"):
+            raise ConfigError(
+                f"feature_storage must be 'auto', 'memory' or 'disk', got {self.feature_storage!r}"
+            )
+        if self.max_memory_mb is not None and self.max_memory_mb < 1:
+            raise ConfigError(f"max_memory_mb must be >= 1 or None, got {self.max_memory_mb!r}")
+
+    # ------------------------------------------------------------------ memory
+    def _geometry(self) -> tuple[int, int]:
+        """(patches per image, patch feature dim), from backbone metadata only."""
+        info = backbone_info(self.backbone)
+        idx = layer_indices(self.backbone, self.resolved_layers)
+        dim = sum(info.channels[i] for i in idx)
+        if self.embed_dim is not None:
+            dim = min(dim, self.embed_dim)
+        side = self.crop_size or self.image_size
+        grid = math.ceil(side / min(info.strides[i] for i in idx))
+        return grid * grid, dim
+
+    def _on_disk(self, feature_bytes: int) -> bool:
+        if self.feature_storage != "auto":
+            return self.feature_storage == "disk"
+        limit = AUTO_DISK_BYTES
+        if self.max_memory_mb is not None:
+            limit = min(limit, self.max_memory_mb * MB // 4)
+        return feature_bytes > limit
+
+    def memory_estimate(self, num_images: int) -> dict[str, int]:
+        """What fitting ``num_images`` images will hold, in bytes, before any work.
+
+        Counts the data the fit keeps (not the backbone weights, activations of one batch, or
+        the Python/torch runtime, typically 0.3-0.6 GB more).
+
+        Returns:
+            ``patches``, ``dim``, ``features`` (full-dimensional store in RAM; 0 on disk),
+            ``disk`` (bytes of the temporary file), ``projection`` (projected features plus the
+            matrix), ``coreset`` (the coreset's working copy and state), ``bank`` (the memory
+            bank) and ``peak`` (the largest sum held at once).
+        """
+        per_image, dim = self._geometry()
+        n = num_images * per_image
+        n_bank = max(1, round(self.coreset_ratio * n))
+        item = 2 if self.feature_dtype == "float16" else 4
+        projected = self.projection_dim < dim and n_bank < n
+        full = n * dim * item
+        on_disk = projected and self._on_disk(full)
+        features = 0 if on_disk else full
+        if n_bank >= n:
+            proj = coreset = 0
+        else:
+            pdim = self.projection_dim if projected else dim
+            proj = n * pdim * 4 + dim * pdim * 4 if projected else (0 if item == 4 else n * dim * 4)
+            coreset = n * pdim * 4 + n * (4 + 4 + 8 + 8)  # reordered copy, dist, norms, order
+        bank = n_bank * dim * 4
+        peak = max(features + proj + coreset, features + bank)
+        return {
+            "patches": n,
+            "dim": dim,
+            "features": features,
+            "disk": full if on_disk else 0,
+            "projection": proj,
+            "coreset": coreset,
+            "bank": bank,
+            "peak": peak,
+        }
+
+    def describe_memory(self, num_images: int) -> str:
+        """One line: the :meth:`memory_estimate` in MiB."""
+        e = self.memory_estimate(num_images)
+        mib = {k: e[k] / MB for k in ("features", "disk", "projection", "coreset", "bank", "peak")}
+        return (
+            f"memory estimate: {e['patches']:,} patches x {e['dim']} dims; features "
+            f"{mib['features']:.0f} MiB in RAM + {mib['disk']:.0f} MiB on disk, projection "
+            f"{mib['projection']:.0f} MiB, coreset {mib['coreset']:.0f} MiB, bank "
+            f"{mib['bank']:.0f} MiB; peak {mib['peak']:.0f} MiB (+ backbone and runtime)"
+        )
+
+    def _check_memory(self, num_images: int) -> None:
+        if self.max_memory_mb is None:
+            return
+        peak = self.memory_estimate(num_images)["peak"]
+        if peak > self.max_memory_mb * MB:
+            raise ConfigError(
+                f"fitting {num_images} images needs about {peak / MB:.0f} MiB, more than "
+                f"max_memory_mb={self.max_memory_mb}; lower coreset_ratio, projection_dim or "
+                f"image_size, use feature_dtype=float16, or fit fewer images"
+            )
+
+    def fit(self, images: Images, *, progress: bool = False) -> Self:
+        """Learn the memory bank from defect-free images, streaming (see the class docs).
+
+        Raises:
+            ConfigError: bad parameters, or the fit would exceed ``max_memory_mb`` (checked
+                before any image is read).
+        """
+        self._validate()
+        items = as_items(images)
+        self._check_memory(len(items))
+        self._num_images = len(items)
+        return super().fit(items, progress=progress)
 
     def embed(self, features: list[Tensor]) -> Tensor:
         """Locally aware patch features (Sec. 3.1).
@@ -123,32 +255,51 @@ class PatchCore(Detector):
         return embedding
 
     def _fit(self, batches: Iterator[list[Tensor]], progress: bool) -> None:
-        chunks = []
-        for features in batches:
-            e = self.embed(features)
-            chunks.append(e.permute(0, 2, 3, 1).reshape(-1, e.shape[1]))
-        patches = torch.cat(chunks)  # M, all training patch features, (N, D)
-        n = max(1, round(self.coreset_ratio * len(patches)))
-        if n >= len(patches):
-            self.memory_bank_ = patches.contiguous()
-            return
         generator = torch.Generator().manual_seed(self.seed)
-        dim = patches.shape[1]
-        projected = patches
-        if self.projection_dim < dim:  # psi in Alg. 1
-            projected = patches @ random_projection(dim, self.projection_dim, generator=generator)
-        index = greedy_coreset(projected, n, generator=generator, progress=progress)
-        self.memory_bank_ = patches[index].contiguous()  # M_C
+        store: RowStore | None = None
+        projected = matrix = None
+        total = n = 0
+        try:
+            for features in batches:  # each batch is reduced as it arrives
+                e = self.embed(features)
+                rows = e.permute(0, 2, 3, 1).reshape(-1, e.shape[1])
+                if store is None:  # sizes from the first batch
+                    dim = rows.shape[1]
+                    total = self._num_images * e.shape[2] * e.shape[3]
+                    n = max(1, round(self.coreset_ratio * total))
+                    project = self.projection_dim < dim and n < total
+                    if project:  # psi in Alg. 1
+                        matrix = random_projection(dim, self.projection_dim, generator=generator)
+                        projected = torch.empty(total, self.projection_dim)
+                    item = 2 if self.feature_dtype == "float16" else 4
+                    on_disk = project and self._on_disk(total * dim * item)
+                    store = RowStore(total, dim, dtype=self.feature_dtype, on_disk=on_disk)
+                if projected is not None:
+                    projected[store.filled : store.filled + len(rows)] = rows @ matrix
+                store.append(rows)
+            if store is None or store.filled != total:
+                raise RuntimeError("the number of patches changed during the fit")
+            if n >= total:
+                self.memory_bank_ = store.all().float().contiguous()
+                return
+            points = projected if projected is not None else store.all().float()
+            index = greedy_coreset(points, n, generator=generator, progress=progress)
+            del points, projected
+            self.memory_bank_ = store.gather(index).contiguous()  # M_C
+        finally:
+            if store is not None:
+                store.close()
 
     def _score(self, features: list[Tensor]) -> tuple[Tensor, Tensor | None]:
         e = self.embed(features)
         b, d, h, w = e.shape
         queries = e.permute(0, 2, 3, 1).reshape(-1, d)
         bank = self.memory_bank_
-        if not hasattr(self, "_bank_sq") or self._bank_sq.shape[0] != bank.shape[0]:
-            self._bank_sq = squared_norms(bank)
+        cached = getattr(self, "_index", None)
+        if cached is None or cached.bank is not bank:
+            self._index = SearchIndex(bank, backend=self.search, seed=self.seed)
         k = min(self.num_neighbors, bank.shape[0])
-        dist, index = knn(queries, bank, k, bank_sq=self._bank_sq, backend=self.search)
+        dist, index = self._index.search(queries, k)
         patch = dist.mean(1).reshape(b, h * w)  # s(m_test) = ||m_test - m*||, Eq. 6
         if self.reweight:
             image = reweighted_image_score(

@@ -45,15 +45,30 @@ def greedy_coreset_reference(x: Tensor, n: int, *, start: int) -> Tensor:
     return torch.tensor(chosen, dtype=torch.long)
 
 
+#: Rows gathered at once by :func:`_ball_blocks`, so that it never copies all points.
+GATHER_ROWS = 65536
+
+
 def _ball_blocks(x: Tensor, leaf_size: int, generator: torch.Generator) -> tuple[Tensor, list[int]]:
     """Order points so that contiguous blocks of at most ``leaf_size`` points are compact.
 
     Recursively splits each block at the median of its projection on its principal axis (a few
-    power iterations from a seeded start), like a PCA tree.
+    power iterations from a seeded start), like a PCA tree. Rows are gathered
+    ``GATHER_ROWS`` at a time, so the extra memory is bounded whatever the size of ``x``.
 
     Returns:
         A permutation of shape (N,), and block boundaries ``[0, b_1, ..., N]``.
     """
+
+    def matvec(idx: Tensor, v: Tensor) -> Tensor:  # x[idx] @ v
+        return torch.cat([x[c] @ v for c in idx.split(GATHER_ROWS)])
+
+    def rmatvec(idx: Tensor, w: Tensor) -> Tensor:  # x[idx].T @ w
+        out = torch.zeros(x.shape[1], dtype=x.dtype)
+        for c, wc in zip(idx.split(GATHER_ROWS), w.split(GATHER_ROWS), strict=True):
+            out += x[c].T @ wc
+        return out
+
     order = torch.arange(x.shape[0])
     bounds = [0, x.shape[0]]
     while True:
@@ -61,12 +76,13 @@ def _ball_blocks(x: Tensor, leaf_size: int, generator: torch.Generator) -> tuple
         for s, e in itertools.pairwise(bounds):
             if e - s > leaf_size:
                 idx = order[s:e]
-                centred = x[idx] - x[idx].mean(0)
+                mean = rmatvec(idx, torch.full((e - s,), 1.0 / (e - s), dtype=x.dtype))
                 axis = torch.randn(x.shape[1], generator=generator, dtype=x.dtype)
-                for _ in range(3):
-                    axis = centred.T @ (centred @ axis)
+                for _ in range(3):  # axis <- C^T C axis, C = x[idx] - mean, without forming C
+                    w = matvec(idx, axis) - mean @ axis
+                    axis = rmatvec(idx, w) - mean * w.sum()
                     axis = axis / axis.norm().clamp_min(1e-12)
-                order[s:e] = idx[torch.argsort(centred @ axis, stable=True)]
+                order[s:e] = idx[torch.argsort(matvec(idx, axis) - mean @ axis, stable=True)]
                 new.append((s + e) // 2)
             new.append(e)
         if len(new) == len(bounds):

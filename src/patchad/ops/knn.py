@@ -59,12 +59,99 @@ def knn(
     return torch.cat(dists), torch.cat(idxs)
 
 
-def _knn_faiss(query: Tensor, bank: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def _faiss():
     try:
         import faiss
     except ImportError:
-        raise ImportError("backend='faiss' needs faiss: pip install faiss-cpu") from None
-    index = faiss.IndexFlatL2(bank.shape[1])
-    index.add(bank.detach().cpu().float().contiguous().numpy())
-    d2, i = index.search(query.detach().cpu().float().contiguous().numpy(), k)
+        raise ImportError("this search backend needs faiss: pip install faiss-cpu") from None
+    return faiss
+
+
+def _numpy(x: Tensor):
+    return x.detach().cpu().float().contiguous().numpy()
+
+
+def _knn_faiss(query: Tensor, bank: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    index = _faiss().IndexFlatL2(bank.shape[1])
+    index.add(_numpy(bank))
+    return _faiss_search(index, query, k)
+
+
+def _faiss_search(index, query: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    d2, i = index.search(_numpy(query), k)
     return torch.from_numpy(d2).clamp_min_(0).sqrt_(), torch.from_numpy(i).long()
+
+
+#: Search backends a detector accepts.
+BACKENDS = ("auto", "torch", "faiss", "faiss-ivf")
+
+#: ``"auto"`` picks ``"faiss-ivf"`` for banks of at least this many rows (approximate search).
+IVF_MIN_ROWS = 1_000_000
+
+
+def auto_backend(bank_rows: int) -> str:
+    """The backend ``"auto"`` resolves to for a bank of ``bank_rows`` rows.
+
+    Rule, from measurements on the 2-core development machine (``benchmarks/bench_knn.py``,
+    results in ``benchmarks/results/knn.txt``): faiss ``IndexFlatL2`` was as fast as or faster
+    than the chunked torch search at every measured bank size (2k-200k rows, 152 and 1,536
+    dims), so exact search uses faiss when it is installed and torch otherwise; from a million
+    rows on (the issue's threshold), the approximate IVF index is used.
+    """
+    try:
+        _faiss()
+    except ImportError:
+        return "torch"
+    return "faiss-ivf" if bank_rows >= IVF_MIN_ROWS else "faiss"
+
+
+class SearchIndex:
+    """A memory bank prepared for repeated k-NN queries with one backend.
+
+    Args:
+        bank: shape (N, D).
+        backend: one of :data:`BACKENDS`.
+        nlist: IVF cells (``"faiss-ivf"``); None = ``4 * sqrt(N)``.
+        nprobe: cells visited per query (``"faiss-ivf"``).
+        seed: seeds the IVF k-means.
+    """
+
+    def __init__(
+        self,
+        bank: Tensor,
+        *,
+        backend: str = "auto",
+        nlist: int | None = None,
+        nprobe: int = 8,
+        seed: int = 0,
+    ) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.bank = bank
+        self.backend = auto_backend(bank.shape[0]) if backend == "auto" else backend
+        self._sq = squared_norms(bank) if self.backend == "torch" else None
+        self._faiss = None
+        if self.backend == "faiss":
+            self._faiss = _faiss().IndexFlatL2(bank.shape[1])
+            self._faiss.add(_numpy(bank))
+        elif self.backend == "faiss-ivf":
+            faiss = _faiss()
+            n, d = bank.shape
+            cells = nlist or max(1, min(n // 39, int(4 * n**0.5)))
+            quantizer = faiss.IndexFlatL2(d)
+            index = faiss.IndexIVFFlat(quantizer, d, cells)
+            index.cp.seed = seed
+            data = _numpy(bank)
+            index.train(data)
+            index.add(data)
+            index.nprobe = min(nprobe, cells)
+            self._quantizer = quantizer  # keep alive
+            self._faiss = index
+
+    def search(self, query: Tensor, k: int = 1) -> tuple[Tensor, Tensor]:
+        """Distances (Euclidean, ascending) and indices of the k nearest rows, (M, k) each."""
+        if not 1 <= k <= self.bank.shape[0]:
+            raise ValueError(f"k must be in [1, {self.bank.shape[0]}], got {k}")
+        if self._faiss is None:
+            return knn(query, self.bank, k, bank_sq=self._sq, backend="torch")
+        return _faiss_search(self._faiss, query, k)

@@ -1,0 +1,144 @@
+"""PatchCore speed and the quality cost of every speed trick, on MVTec AD bottle.
+
+Each configuration runs in its own subprocess so that its peak RSS (VmHWM) is its own. Per run:
+fit wall time (decode + backbone + embedding + projection + coreset + gather), the coreset's
+share, predict ms/img end to end (decode to restored maps) over the test set, ``predict_tensor``
+ms/img vs the backbone's own forward ms/img on the same preprocessed batch, image and pixel
+AUROC, and peak RSS.
+
+Usage: PYTHONPATH=src python3 benchmarks/bench_patchcore_speed.py [--out patchcore_speed.txt]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import BOTTLE, RESULTS, header, peak_rss_mb
+
+#: (label, PatchCore settings); each varies one thing from the 1% baseline.
+CONFIGS = [
+    ("1% baseline (proj 128, float32, faiss exact)", {"coreset_ratio": 0.01}),
+    ("10% baseline", {"coreset_ratio": 0.1}),
+    ("1% projection_dim=32", {"coreset_ratio": 0.01, "projection_dim": 32}),
+    ("1% projection_dim=64", {"coreset_ratio": 0.01, "projection_dim": 64}),
+    ("1% no projection", {"coreset_ratio": 0.01, "projection_dim": 100_000}),
+    ("1% float16 feature storage", {"coreset_ratio": 0.01, "feature_dtype": "float16"}),
+    ("1% features on disk", {"coreset_ratio": 0.01, "feature_storage": "disk"}),
+    ("1% torch exact search", {"coreset_ratio": 0.01, "search": "torch"}),
+    ("1% faiss-ivf search", {"coreset_ratio": 0.01, "search": "faiss-ivf"}),
+    ("10% faiss-ivf search", {"coreset_ratio": 0.1, "search": "faiss-ivf"}),
+]
+
+
+def run_one(settings: dict) -> dict:
+    import numpy as np
+    import torch
+
+    import patchad.detectors.patchcore as pc_module
+    from patchad.detectors import PatchCore
+    from patchad.images import list_images, read_mask
+    from patchad.loading import iter_batches
+    from patchad.metrics import image_auroc, pixel_auroc
+
+    coreset_time = [0.0]
+    original = pc_module.greedy_coreset
+
+    def timed(*a, **k):
+        t = time.perf_counter()
+        out = original(*a, **k)
+        coreset_time[0] += time.perf_counter() - t
+        return out
+
+    pc_module.greedy_coreset = timed
+    det = PatchCore(backbone="tf_efficientnet_lite0", image_size=256, **settings)
+    start = time.perf_counter()
+    det.fit(BOTTLE / "train" / "good")
+    fit_s = time.perf_counter() - start
+    fit_rss = peak_rss_mb()
+
+    test = list_images(BOTTLE / "test")
+    labels = np.array([p.parent.name != "good" for p in test])
+    start = time.perf_counter()
+    pred = det.predict(test)
+    predict_ms = (time.perf_counter() - start) / len(test) * 1000
+    masks = []
+    for p, m in zip(test, pred.maps, strict=True):
+        mask_path = BOTTLE / "ground_truth" / p.parent.name / f"{p.stem}_mask.png"
+        masks.append(read_mask(mask_path) if mask_path.exists() else np.zeros(m.shape, bool))
+
+    batch = next(iter(iter_batches(test[:8], det.preprocess_, 8))).images
+    backbone_t, predict_t = [], []
+    with torch.inference_mode():
+        det.features(batch)
+        for _ in range(3):
+            t = time.perf_counter()
+            det.features(batch)
+            backbone_t.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            det.predict_tensor(batch)
+            predict_t.append(time.perf_counter() - t)
+    n = len(batch)
+    return {
+        "fit_s": fit_s,
+        "coreset_s": coreset_time[0],
+        "bank": det.memory_bank_.shape[0],
+        "search": det._index.backend,
+        "predict_ms_img": predict_ms,
+        "predict_tensor_ms_img": statistics.median(predict_t) / n * 1000,
+        "backbone_ms_img": statistics.median(backbone_t) / n * 1000,
+        "image_auroc": image_auroc(pred.scores, labels),
+        "pixel_auroc": pixel_auroc(pred.maps, masks),
+        "fit_peak_rss_mb": fit_rss,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None, help="results file name under benchmarks/results")
+    parser.add_argument("--only", type=int, nargs="*", help="indices of CONFIGS to run")
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(json.loads(args.one))))
+        return
+    lines = [header()]
+    cols = (
+        "config | bank | search | fit s | coreset s | predict ms/img (e2e) | "
+        "predict_tensor ms/img | backbone ms/img | ratio | image AUROC | pixel AUROC | "
+        "fit peak RSS MiB"
+    )
+    lines += [cols, "-" * len(cols)]
+    print("\n".join(lines), flush=True)
+    chosen = args.only if args.only is not None else range(len(CONFIGS))
+    for i in chosen:
+        label, settings = CONFIGS[i]
+        out = subprocess.run(
+            [sys.executable, __file__, "--one", json.dumps(settings)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        ratio = r["predict_tensor_ms_img"] / r["backbone_ms_img"]
+        lines.append(
+            f"{label} | {r['bank']} | {r['search']} | {r['fit_s']:.1f} | {r['coreset_s']:.1f} | "
+            f"{r['predict_ms_img']:.1f} | {r['predict_tensor_ms_img']:.1f} | "
+            f"{r['backbone_ms_img']:.1f} | {ratio:.2f} | {r['image_auroc']:.4f} | "
+            f"{r['pixel_auroc']:.4f} | {r['fit_peak_rss_mb']:.0f}"
+        )
+        print(lines[-1], flush=True)
+    if args.out:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / args.out).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
