@@ -37,6 +37,9 @@ class PatchCore(Detector):
         batch_size: images per forward pass.
         seed: seeds the projection and the coreset's first point.
         search: nearest-neighbour backend, ``"torch"`` or ``"faiss"``.
+        calibration_split: share of the good training images held out (seeded by ``seed``) to
+            calibrate thresholds after fitting; 0 disables (see :meth:`Detector.calibrate`).
+        fpr: chosen false-alarm rate for the calibrated image and pixel thresholds.
 
     Example:
         >>> from patchad.demo import demo_images
@@ -70,6 +73,8 @@ class PatchCore(Detector):
         batch_size: int = 8,
         seed: int = 0,
         search: str = "torch",
+        calibration_split: float = 0.1,
+        fpr: float = 0.01,
     ) -> None:
         super().__init__(
             backbone=backbone,
@@ -80,6 +85,8 @@ class PatchCore(Detector):
             blur_sigma=blur_sigma,
             batch_size=batch_size,
             seed=seed,
+            calibration_split=calibration_split,
+            fpr=fpr,
         )
         self.patch_size = patch_size
         self.embed_dim = embed_dim
