@@ -130,3 +130,25 @@ def rates_at_threshold(
     far = float(flagged[good].mean()) if good.any() else math.nan
     miss = float((~flagged[bad]).mean()) if bad.any() else math.nan
     return far, miss
+
+
+def region_boxes(mask: np.ndarray) -> list[list[int]]:
+    """Bounding boxes of the connected regions of a defect mask.
+
+    Regions are 8-connected (diagonal neighbours join), found with ``scipy.ndimage.label`` and
+    ``find_objects``, in label order (raster order of each region's first pixel).
+
+    Args:
+        mask: bool array, shape (H, W).
+
+    Returns:
+        One ``[x0, y0, x1, y1]`` per region in pixels, x = column, y = row; x1 and y1 are
+        exclusive (PIL's box convention), so the box's width is x1 - x0.
+    """
+    from scipy import ndimage
+
+    labels, _ = ndimage.label(np.asarray(mask, dtype=bool), structure=np.ones((3, 3), dtype=int))
+    return [
+        [int(cols.start), int(rows.start), int(cols.stop), int(rows.stop)]
+        for rows, cols in ndimage.find_objects(labels)
+    ]
