@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tests.conftest import LITE0
 
+from conftest import LITE0
 from patchad import PatchCore, load
 from patchad.calibration import (
     expected_false_alarm_rate,
@@ -134,7 +134,7 @@ def test_false_alarm_rate_on_held_out_good_images(tmp_path: Path) -> None:
     )
     det = PatchCore(
         backbone=LITE0,
-        image_size=64,
+        image_size=32,  # speed: the rate guarantee does not depend on map quality
         coreset_ratio=0.01,
         calibration_split=0.5,
         fpr=0.05,
@@ -174,7 +174,7 @@ def test_calibrate_keeps_maps_and_scores_and_round_trips(
     det = load(calibrated)
     assert det.is_calibrated
     assert len(det.calibration_scores_) == 4
-    test = demo_root / "object" / "test"
+    test = demo_root / "object" / "test" / "scratch"
     before = det.predict(test)
     out = tmp_path / "new.safetensors"
     assert (
@@ -212,10 +212,10 @@ def test_predict_writes_masks_results_and_exit_codes(
     lines = (out / "results.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
     assert len(records) == len(list((out / "overlays").rglob("*.png")))
-    det = load(calibrated)
-    pred = det.predict(test)
-    for record, mask in zip(records, pred.masks, strict=True):
+    threshold = load(calibrated).pixel_threshold_
+    for record in records:
         name = Path(record["path"]).relative_to(test).with_suffix("")
+        mask = np.load(out / "maps" / f"{name}.npy") > threshold
         png = np.array(Image.open(out / "masks" / f"{name}.png"))
         assert set(np.unique(png)) <= {0, 255}
         np.testing.assert_array_equal(png == 255, mask)
@@ -224,9 +224,10 @@ def test_predict_writes_masks_results_and_exit_codes(
         assert record["decision"] in ("anomalous", "normal")
     assert (out / "scores.csv").read_text().splitlines()[0] == "path,score"
     # exit codes: defects present -> 1; a clearly normal image -> 0
-    assert any(r["anomalous"] for r in records)
-    args = ["-q", "predict", "--model", str(calibrated), "--fail-on-anomaly", "--force"]
-    assert main([*args, str(test), "--out", str(out)]) == 1
+    worst = max(records, key=lambda r: r["score"])
     normal = min(records, key=lambda r: r["score"])
+    assert worst["anomalous"]
     assert not normal["anomalous"]
+    args = ["-q", "predict", "--model", str(calibrated), "--fail-on-anomaly", "--force"]
+    assert main([*args, worst["path"], normal["path"], "--out", str(tmp_path / "two")]) == 1
     assert main([*args, normal["path"], "--out", str(tmp_path / "one")]) == 0
