@@ -55,6 +55,9 @@ def _method_settings(method: str, args: argparse.Namespace) -> dict[str, Any]:
     settings.update(parse_settings(args.set or [], types_by_name))
     for flag in ("calibration_split", "fpr"):
         if getattr(args, flag, None) is not None:
+            if flag not in types_by_name:
+                option = "--" + flag.replace("_", "-")
+                raise PatchadError(f"{option}: not a parameter of {method}")
             settings[flag] = getattr(args, flag)
     return settings
 
