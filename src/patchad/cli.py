@@ -1,4 +1,4 @@
-"""The ``patchad`` command line: ``fit``, ``predict`` and ``demo``.
+"""The ``patchad`` command line: ``fit``, ``predict``, ``calibrate`` and ``demo``.
 
 Exit codes: 0 success; 1 anomalies found (``predict --fail-on-anomaly``); 2 usage or input
 error (one line on stderr, no traceback); 3 internal error (a crash report is written to a file
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import os
 import sys
 import tempfile
@@ -53,6 +54,12 @@ def _method_settings(method: str, args: argparse.Namespace) -> dict[str, Any]:
     if args.weights is not None:
         settings["weights"] = args.weights
     settings.update(parse_settings(args.set or [], types_by_name))
+    for flag in ("calibration_split", "fpr"):
+        if getattr(args, flag, None) is not None:
+            if flag not in types_by_name:
+                option = "--" + flag.replace("_", "-")
+                raise PatchadError(f"{option}: not a parameter of {method}")
+            settings[flag] = getattr(args, flag)
     return settings
 
 
@@ -96,11 +103,21 @@ def cmd_fit(args: argparse.Namespace) -> int:
     detector = DETECTORS[args.method](**settings)
     detector._validate()
     images = training_images(args.data)
+    calibration = None
+    if args.calibration_dir is not None:
+        calibration = _good_images(args.calibration_dir)
     _say(args, f"fitting {args.method} on {len(images)} images from {args.data}")
     if hasattr(detector, "describe_memory"):
         _say(args, detector.describe_memory(len(images)))
     start = time.perf_counter()
-    detector.fit(images, progress=not args.quiet, skip_bad=args.skip_bad)
+    detector.fit(images, calibration=calibration, progress=not args.quiet, skip_bad=args.skip_bad)
+    if detector.is_calibrated:
+        _say(
+            args,
+            f"calibrated on {len(detector.calibration_scores_)} good images: image threshold "
+            f"{detector.image_threshold_:.6g}, pixel threshold {detector.pixel_threshold_:.6g} "
+            f"(fpr {detector.fpr})",
+        )
     detector.save(out, force=args.force)
     _summary(args, f"saved {out} ({time.perf_counter() - start:.1f} s)")
     return EXIT_OK
@@ -146,6 +163,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from patchad.visualize import overlay
 
     detector = load(args.model, weights=args.weights)
+    if args.fail_on_anomaly and not detector.is_calibrated:
+        raise PatchadError(
+            f"{args.model}: not calibrated, so --fail-on-anomaly has no threshold "
+            "(run `patchad calibrate` first)"
+        )
     paths = resolve_sources(args.paths)
     out = ensure_out_dir(Path(args.out), args.force)
     names = output_names(paths, args.paths)
@@ -153,17 +175,34 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for path, name in zip(paths, names, strict=True):
         todo.setdefault(str(path), []).append(name)
     rows: list[tuple[str, str, float]] = []  # (path, output name, score)
+    records: list[str] = []
     low, high = np.inf, -np.inf
     bar = tqdm(total=len(paths), desc="predict", unit="img", disable=args.quiet, leave=False)
     try:
         for part in detector.iter_predict(paths, skip_bad=args.skip_bad):
-            for path_str, score, amap in zip(part.names, part.scores, part.maps, strict=True):
+            for i, (path_str, score, amap) in enumerate(
+                zip(part.names, part.scores, part.maps, strict=True)
+            ):
                 name = todo[path_str].pop(0)
                 target = out / "maps" / f"{name}.npy"
                 target.parent.mkdir(parents=True, exist_ok=True)
                 save_npy_atomic(target, amap.astype(np.float32))
                 rows.append((path_str, name, float(score)))
                 low, high = min(low, float(amap.min())), max(high, float(amap.max()))
+                mask = part.masks[i] if part.masks is not None else None
+                if mask is not None:
+                    _write_png(out / "masks" / f"{name}.png", mask.astype(np.uint8) * 255)
+                records.append(
+                    json.dumps(
+                        result_record(
+                            path_str,
+                            float(score),
+                            None if part.normalized is None else float(part.normalized[i]),
+                            None if part.decisions is None else bool(part.decisions[i]),
+                            mask,
+                        )
+                    )
+                )
             bar.update(len(part.names))
     except PatchadError as exc:
         bar.close()
@@ -178,6 +217,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     writer.writerow(["path", "score"])
     writer.writerows((p, f"{s:.6g}") for p, _, s in rows)
     write_text_atomic(out / "scores.csv", text.getvalue())
+    write_text_atomic(out / "results.jsonl", "".join(r + "\n" for r in records))
+    if detector.is_calibrated and detector.pixel_threshold_ > 0:
+        # Fixed scale anchored on the pixel threshold: it sits mid-scale, so the same colour means
+        # the same score in every run and image; red = 1.5x the threshold or more.
+        low, high = 0.5 * detector.pixel_threshold_, 1.5 * detector.pixel_threshold_
     for path, name, _ in tqdm(
         rows,
         desc="overlays",
@@ -193,7 +237,85 @@ def cmd_predict(args: argparse.Namespace) -> int:
         from patchad.modelfile import atomic_write_bytes
 
         atomic_write_bytes(target, buffer.getvalue(), force=True)
-    _summary(args, f"scored {len(rows)} images -> {out}/scores.csv, maps/, overlays/")
+    written = "scores.csv, results.jsonl, maps/, overlays/"
+    status = EXIT_OK
+    if detector.is_calibrated:
+        written += ", masks/"
+        flagged = sum(json.loads(r)["anomalous"] for r in records)
+        _say(args, f"{flagged} of {len(rows)} images anomalous (fpr {detector.fpr})")
+        if args.fail_on_anomaly and flagged:
+            status = EXIT_ANOMALY
+    _summary(args, f"scored {len(rows)} images -> {out}/: {written}")
+    return status
+
+
+def result_record(
+    path: str, score: float, normalized: float | None, anomalous: bool | None, mask: Any
+) -> dict[str, Any]:
+    """One line of ``results.jsonl``.
+
+    Keys: ``path``; ``score`` (raw); ``normalized`` (conformal p-value, smaller = more
+    anomalous); ``anomalous`` (bool) and ``decision`` (``"anomalous"``/``"normal"``);
+    ``defect_area_px`` and ``defect_area_fraction`` of the mask; ``boxes``, one
+    ``[x0, y0, x1, y1]`` per 8-connected defect region in original pixels, x1/y1 exclusive.
+    Everything but path and score is null when the model is not calibrated.
+    """
+    from patchad.calibration import region_boxes
+
+    record: dict[str, Any] = {"path": path, "score": score, "normalized": normalized}
+    record["anomalous"] = anomalous
+    record["decision"] = None if anomalous is None else ("anomalous" if anomalous else "normal")
+    if mask is None:
+        record.update(defect_area_px=None, defect_area_fraction=None, boxes=None)
+    else:
+        area = int(np.count_nonzero(mask))
+        record.update(
+            defect_area_px=area,
+            defect_area_fraction=area / mask.size,
+            boxes=region_boxes(mask),
+        )
+    return record
+
+
+def _write_png(path: Path, array: np.ndarray) -> None:
+    from PIL import Image
+
+    from patchad.modelfile import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue(), force=True)
+
+
+def _good_images(folder: str) -> list[Path]:
+    from patchad.images import list_images
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise PatchadError(f"{root}: no such folder")
+    return list_images(root)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from patchad.detectors import load
+
+    if args.out is None and not args.force:
+        raise PatchadError(
+            "calibrate: give --out NEW_MODEL, or --force to rewrite --model in place"
+        )
+    if args.data is None and args.fpr is None:
+        raise PatchadError("calibrate: nothing to do; give --data GOOD_DIR and/or --fpr")
+    detector = load(args.model, weights=args.weights)
+    images = None if args.data is None else _good_images(args.data)
+    detector.calibrate(images, fpr=args.fpr, progress=not args.quiet)
+    out = Path(args.model if args.out is None else args.out)
+    detector.save(out, force=args.force)
+    _say(
+        args,
+        f"calibrated on {len(detector.calibration_scores_)} good images (fpr {detector.fpr}): "
+        f"image threshold {detector.image_threshold_:.6g}, pixel threshold "
+        f"{detector.pixel_threshold_:.6g} -> {out}",
+    )
     return EXIT_OK
 
 
@@ -412,6 +534,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="any method parameter, e.g. --set coreset_ratio=0.01 (repeatable)",
     )
+    fit.add_argument(
+        "--calibration-split",
+        type=float,
+        help="share of the good images held out to calibrate thresholds (default 0.1; 0 = none)",
+    )
+    fit.add_argument(
+        "--calibration-dir",
+        metavar="DIR",
+        help="calibrate on this folder of good images instead of a held-out share",
+    )
+    fit.add_argument("--fpr", type=float, help="chosen false-alarm rate (default 0.01)")
     fit.add_argument("--out", required=True, help="model file to write (.safetensors)")
     fit.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     fit.add_argument(
@@ -427,6 +560,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--force", action="store_true", help="write into a non-empty --out")
     predict.add_argument(
         "--skip-bad", action="store_true", help="skip unreadable images with a warning each"
+    )
+    predict.add_argument(
+        "--fail-on-anomaly",
+        action="store_true",
+        help="exit with status 1 when any image is anomalous (needs a calibrated model)",
     )
     predict.set_defaults(func=cmd_predict)
 
@@ -473,6 +611,23 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--allow-missing-masks", action="store_true", help="see `patchad evaluate`")
     bench.add_argument("--out", required=True, help="output folder")
     bench.set_defaults(func=cmd_benchmark)
+
+    calibrate = sub.add_parser(
+        "calibrate", help="recompute thresholds from good images, without refitting"
+    )
+    calibrate.add_argument("--model", required=True, help="model file from `patchad fit`")
+    calibrate.add_argument(
+        "--data",
+        metavar="GOOD_DIR",
+        help="folder of good images not used for fitting (omit to reuse the stored scores)",
+    )
+    calibrate.add_argument("--fpr", type=float, help="chosen false-alarm rate (default: stored)")
+    calibrate.add_argument("--out", metavar="NEW_MODEL", help="write the recalibrated model here")
+    calibrate.add_argument(
+        "--force", action="store_true", help="overwrite --out, or rewrite --model in place"
+    )
+    calibrate.add_argument("--weights", help="backbone weights file, if not where it was at fit")
+    calibrate.set_defaults(func=cmd_calibrate)
 
     demo = sub.add_parser("demo", help="run end to end on built-in synthetic data, offline")
     demo.add_argument("--out", default="patchad-demo", help="output folder (default patchad-demo)")

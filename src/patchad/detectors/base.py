@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from patchad.errors import ConfigError, NotFittedError, PatchadError
 from patchad.features import FeatureExtractor, Preprocess, backbone_info, layers_at_strides
-from patchad.loading import Images, as_items, iter_batches
+from patchad.loading import ImageLike, Images, as_items, iter_batches
 from patchad.modelfile import read_model, write_model
 from patchad.ops.maps import anomaly_map
 
@@ -38,11 +38,20 @@ class Prediction:
         maps: anomaly maps, one float32 array of shape (H_i, W_i) per image, at the image's
             original size.
         names: the file path of each image (``"<image i>"`` for in-memory images).
+        normalized: conformal p-values of the scores against the calibration scores, shape (B,),
+            in [1/(n+1), 1], smaller = more anomalous (see :func:`patchad.calibration.p_values`);
+            None when the detector is not calibrated.
+        decisions: ``scores > image_threshold_``, bool, shape (B,); None when not calibrated.
+        masks: defect masks ``map > pixel_threshold_``, one bool array (H_i, W_i) per image;
+            None when not calibrated.
     """
 
     scores: np.ndarray
     maps: list[np.ndarray]
     names: list[str]
+    normalized: np.ndarray | None = None
+    decisions: np.ndarray | None = None
+    masks: list[np.ndarray] | None = None
 
 
 class Detector:
@@ -57,6 +66,11 @@ class Detector:
     default_strides: ClassVar[tuple[int, ...]] = (8, 16)
     #: Learned tensors written to the model file.
     learned_tensors: ClassVar[tuple[str, ...]] = ()
+    #: Calibration tensors, written to the model file when the detector is calibrated.
+    calibration_tensors: ClassVar[tuple[str, ...]] = (
+        "calibration_scores_",
+        "calibration_map_max_",
+    )
 
     def __init__(
         self,
@@ -69,7 +83,11 @@ class Detector:
         blur_sigma: float,
         batch_size: int,
         seed: int,
+        calibration_split: float = 0.1,
+        fpr: float = 0.01,
     ) -> None:
+        self.calibration_split = calibration_split
+        self.fpr = fpr
         self.backbone = backbone
         self.layers = layers
         self.weights = weights
@@ -111,6 +129,14 @@ class Detector:
             raise ConfigError(f"blur_sigma must be >= 0, got {self.blur_sigma!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ConfigError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+        if not isinstance(self.calibration_split, (int, float)) or not (
+            0 <= self.calibration_split < 1
+        ):
+            raise ConfigError(
+                f"calibration_split must be in [0, 1), got {self.calibration_split!r}"
+            )
+        if not isinstance(self.fpr, (int, float)) or not 0 <= self.fpr < 1:
+            raise ConfigError(f"fpr must be in [0, 1), got {self.fpr!r}")
         backbone_info(self.backbone)  # unknown backbone -> error now
 
     @property
@@ -144,11 +170,46 @@ class Detector:
         ):
             yield self.features(batch.images)
 
-    def fit(self, images: Images, *, progress: bool = False, skip_bad: bool = False) -> Self:
-        """Learn what normal looks like from defect-free images.
+    def split_calibration(self, images: Images) -> tuple[list[ImageLike], list[ImageLike]]:
+        """Split good images into (training, calibration) by ``calibration_split`` and ``seed``.
+
+        ``round(calibration_split * N)`` images, at least 1 when the split is > 0, are drawn
+        without replacement by a ``torch.Generator`` seeded with ``seed``; both parts keep the
+        input order.
+
+        Raises:
+            ConfigError: the split would leave no image for training.
+        """
+        items = as_items(images)
+        if not self.calibration_split:
+            return items, []
+        n_cal = max(1, round(self.calibration_split * len(items)))
+        if n_cal >= len(items):
+            raise ConfigError(
+                f"calibration_split={self.calibration_split} holds out {n_cal} of "
+                f"{len(items)} images, leaving none for training; give more images or "
+                "set calibration_split=0"
+            )
+        generator = torch.Generator().manual_seed(self.seed)
+        held = set(torch.randperm(len(items), generator=generator)[:n_cal].tolist())
+        train = [x for i, x in enumerate(items) if i not in held]
+        calib = [x for i, x in enumerate(items) if i in held]
+        return train, calib
+
+    def fit(
+        self,
+        images: Images,
+        *,
+        calibration: Images | None = None,
+        progress: bool = False,
+        skip_bad: bool = False,
+    ) -> Self:
+        """Learn what normal looks like from defect-free images, then calibrate thresholds.
 
         Args:
             images: a folder, an image file, a PIL image, or a sequence of these.
+            calibration: good images to calibrate on instead of a held-out share of ``images``
+                (then every image of ``images`` is used for the model).
             progress: show progress bars.
             skip_bad: skip unreadable images with a ``SkippedImageWarning`` each instead of
                 raising ``PatchadError`` at the first one.
@@ -157,9 +218,67 @@ class Detector:
             self.
         """
         self._validate()
+        for name in (*self.calibration_tensors, "image_threshold_", "pixel_threshold_"):
+            self.__dict__.pop(name, None)
+        if calibration is not None:
+            train, calib = as_items(images), as_items(calibration)
+        else:
+            train, calib = self.split_calibration(images)
         self._build()
-        self._fit(self._feature_batches(images, progress, f"{self.method} fit", skip_bad), progress)
+        batches = self._feature_batches(train, progress, f"{self.method} fit", skip_bad)
+        self._fit(batches, progress)
         self.fingerprint_ = self.extractor_.fingerprint
+        if calib:
+            self.calibrate(calib, progress=progress)
+        return self
+
+    # ------------------------------------------------------------------ calibration
+    @property
+    def is_calibrated(self) -> bool:
+        """Whether thresholds are set (by ``fit`` with calibration, ``calibrate`` or ``load``)."""
+        return hasattr(self, "calibration_scores_")
+
+    def calibrate(
+        self, images: Images | None = None, *, fpr: float | None = None, progress: bool = False
+    ) -> Self:
+        """Set the image and pixel thresholds from good images; the model itself is unchanged.
+
+        The image threshold is :func:`~patchad.calibration.threshold_for_fpr` of the good images'
+        scores. The pixel threshold is the same order statistic of each good image's *maximum*
+        map value: a mask is empty exactly when the map's maximum is <= the threshold, so about
+        (1 - fpr) of good images get an empty mask (the image-level guarantee, transferred to
+        masks), whatever the image size.
+
+        Args:
+            images: good images to score; None reuses the stored calibration scores (only
+                ``fpr`` changes).
+            fpr: chosen false-alarm rate in [0, 1); None keeps ``self.fpr``. Stored as ``fpr``.
+            progress: show a progress bar.
+
+        Returns:
+            self.
+
+        Raises:
+            NotFittedError: not fitted, or ``images`` is None and nothing is stored.
+        """
+        from patchad.calibration import threshold_for_fpr
+
+        self._check_fitted("calibrate")
+        if fpr is not None:
+            if not isinstance(fpr, (int, float)) or not 0 <= fpr < 1:
+                raise ConfigError(f"fpr must be in [0, 1), got {fpr!r}")
+            self.fpr = fpr
+        if images is not None:
+            pred = self.predict(images, progress=progress)
+            self.calibration_scores_ = torch.from_numpy(np.sort(pred.scores).astype(np.float32))
+            map_max = np.array([float(m.max()) for m in pred.maps], dtype=np.float32)
+            self.calibration_map_max_ = torch.from_numpy(np.sort(map_max))
+        elif not self.is_calibrated:
+            raise NotFittedError(
+                f"{type(self).__name__} has no calibration scores; pass good images to calibrate()"
+            )
+        self.image_threshold_ = threshold_for_fpr(self.calibration_scores_.numpy(), self.fpr)
+        self.pixel_threshold_ = threshold_for_fpr(self.calibration_map_max_.numpy(), self.fpr)
         return self
 
     def _check_fitted(self, action: str) -> None:
@@ -189,7 +308,22 @@ class Detector:
             scores.append(part.scores)
             maps.extend(part.maps)
             names.extend(part.names)
-        return Prediction(scores=np.concatenate(scores).astype(np.float32), maps=maps, names=names)
+        return self._decide(np.concatenate(scores).astype(np.float32), maps, names)
+
+    def _decide(self, scores: np.ndarray, maps: list[np.ndarray], names: list[str]) -> Prediction:
+        """A :class:`Prediction`, with p-values, decisions and masks when calibrated."""
+        if not self.is_calibrated:
+            return Prediction(scores=scores, maps=maps, names=names)
+        from patchad.calibration import p_values
+
+        return Prediction(
+            scores=scores,
+            maps=maps,
+            names=names,
+            normalized=p_values(self.calibration_scores_.numpy(), scores),
+            decisions=scores > self.image_threshold_,
+            masks=[m > self.pixel_threshold_ for m in maps],
+        )
 
     def iter_predict(
         self, images: Images, *, progress: bool = False, skip_bad: bool = False
@@ -210,10 +344,10 @@ class Detector:
         ):
             with torch.inference_mode():  # not held across the yield
                 s, m = self.predict_tensor(batch.images)
-                part = Prediction(
-                    scores=s.numpy().astype(np.float32),
-                    maps=self.preprocess_.restore(m, batch.sizes),
-                    names=list(batch.names),
+                part = self._decide(
+                    s.numpy().astype(np.float32),
+                    self.preprocess_.restore(m, batch.sizes),
+                    list(batch.names),
                 )
             yield part
 
@@ -257,12 +391,24 @@ class Detector:
             PatchadError: the file exists and ``force`` is false.
         """
         self._check_fitted("save")
+        tensors = {name: getattr(self, name) for name in self.learned_tensors}
+        state = self._state()
+        if self.is_calibrated:
+            tensors.update({name: getattr(self, name) for name in self.calibration_tensors})
+            state = {
+                **state,
+                "calibration": {
+                    "fpr": self.fpr,
+                    "image_threshold": self.image_threshold_,
+                    "pixel_threshold": self.pixel_threshold_,
+                },
+            }
         write_model(
             path,
-            {name: getattr(self, name) for name in self.learned_tensors},
+            tensors,
             method=self.method,
             config=self.get_params(),
-            state=self._state(),
+            state=state,
             fingerprint=self.fingerprint_,
             force=force,
         )
@@ -307,6 +453,17 @@ def load(path: str | os.PathLike[str], *, weights: str | None = None) -> Detecto
         raise PatchadError(f"{path}: model file lacks tensors {missing}")
     for name in cls.learned_tensors:
         setattr(detector, name, tensors[name])
-    detector._set_state(meta["state"])
+    state = dict(meta["state"])
+    calibration = state.pop("calibration", None)
+    detector._set_state(state)
     detector.fingerprint_ = meta["fingerprint"]
+    if calibration is not None:
+        missing = [n for n in detector.calibration_tensors if n not in tensors]
+        if missing:
+            raise PatchadError(f"{path}: calibrated model file lacks tensors {missing}")
+        for name in detector.calibration_tensors:
+            setattr(detector, name, tensors[name])
+        detector.fpr = calibration["fpr"]
+        detector.image_threshold_ = float(calibration["image_threshold"])
+        detector.pixel_threshold_ = float(calibration["pixel_threshold"])
     return detector

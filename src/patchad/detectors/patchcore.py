@@ -59,6 +59,9 @@ class PatchCore(Detector):
             ``"auto"`` (disk when they would exceed 2 GiB or a quarter of ``max_memory``).
         max_memory_mb: refuse to fit, before any work, when :meth:`memory_estimate` exceeds
             this many MiB (None = no limit).
+        calibration_split: share of the good training images held out (seeded by ``seed``) to
+            calibrate thresholds after fitting; 0 disables (see :meth:`Detector.calibrate`).
+        fpr: chosen false-alarm rate for the calibrated image and pixel thresholds.
 
     Example:
         >>> from patchad.demo import demo_images
@@ -95,6 +98,8 @@ class PatchCore(Detector):
         feature_dtype: str = "float32",
         feature_storage: str = "auto",
         max_memory_mb: int | None = None,
+        calibration_split: float = 0.1,
+        fpr: float = 0.01,
     ) -> None:
         super().__init__(
             backbone=backbone,
@@ -105,6 +110,8 @@ class PatchCore(Detector):
             blur_sigma=blur_sigma,
             batch_size=batch_size,
             seed=seed,
+            calibration_split=calibration_split,
+            fpr=fpr,
         )
         self.patch_size = patch_size
         self.embed_dim = embed_dim
