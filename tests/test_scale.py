@@ -88,7 +88,9 @@ def _reference_bank(det: PatchCore, folder: Path) -> torch.Tensor:
 
 def test_streaming_fit_matches_in_memory_fit(demo_root):
     folder = demo_root / "object" / "train" / "good"
-    kw = dict(backbone=LITE0, image_size=64, coreset_ratio=0.25, batch_size=8)
+    kw = dict(
+        backbone=LITE0, image_size=64, coreset_ratio=0.25, batch_size=8, calibration_split=0.0
+    )
     reference = _reference_bank(PatchCore(**kw), folder)
     memory = PatchCore(**kw, feature_storage="memory").fit(folder)
     disk = PatchCore(**kw, feature_storage="disk").fit(folder)
@@ -104,7 +106,7 @@ def test_too_small_max_memory_refuses_before_any_work(demo_root, monkeypatch):
         raise AssertionError("work started")
 
     monkeypatch.setattr(PatchCore, "_build", no_work)
-    det = PatchCore(backbone=LITE0, image_size=64, max_memory_mb=1)
+    det = PatchCore(backbone=LITE0, image_size=64, max_memory_mb=1, calibration_split=0.0)
     with pytest.raises(ConfigError, match="max_memory_mb=1"):
         det.fit(demo_root / "object" / "train" / "good")
 
@@ -124,6 +126,8 @@ def test_cli_refuses_too_small_max_memory(demo_root, tmp_path, capsys):
             "image_size=64",
             "--set",
             "max_memory_mb=1",
+            "--set",
+            "calibration_split=0",
         ]
     )
     err = capsys.readouterr().err

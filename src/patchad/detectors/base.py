@@ -224,9 +224,10 @@ class Detector:
             train, calib = as_items(images), as_items(calibration)
         else:
             train, calib = self.split_calibration(images)
+        self._check_resources(len(train))
         self._build()
         batches = self._feature_batches(train, progress, f"{self.method} fit", skip_bad)
-        self._fit(batches, progress)
+        self._fit(batches, len(train), progress)
         self.fingerprint_ = self.extractor_.fingerprint
         if calib:
             self.calibrate(calib, progress=progress)
@@ -369,7 +370,12 @@ class Detector:
         return image_scores, maps
 
     # ------------------------------------------------------------------ hooks
-    def _fit(self, batches: Iterator[list[Tensor]], progress: bool) -> None:
+    def _check_resources(self, num_images: int) -> None:
+        """Refuse, before any image is read or the backbone is built, a fit that cannot work
+        (e.g. over a memory limit); raise :class:`ConfigError`."""
+
+    def _fit(self, batches: Iterator[list[Tensor]], num_images: int, progress: bool) -> None:
+        """Learn the model of normal from training feature batches (``num_images`` at most)."""
         raise NotImplementedError
 
     def _score(self, features: list[Tensor]) -> tuple[Tensor, Tensor | None]:

@@ -12,7 +12,6 @@ from torch import Tensor
 from patchad.detectors.base import Detector
 from patchad.errors import ConfigError
 from patchad.features import backbone_info, layer_indices
-from patchad.loading import Images, as_items
 from patchad.ops.coreset import greedy_coreset, random_projection
 from patchad.ops.knn import BACKENDS, SearchIndex
 from patchad.ops.patches import align_and_concat, local_aggregate, reduce_channels
@@ -20,7 +19,7 @@ from patchad.ops.scores import reweighted_image_score
 from patchad.store import RowStore
 
 if TYPE_CHECKING:
-    from typing_extensions import Self
+    pass
 
 MB = 1024 * 1024
 #: ``feature_storage="auto"`` spills full features to disk above this size (or above a quarter of
@@ -233,18 +232,8 @@ class PatchCore(Detector):
                 f"image_size, use feature_dtype=float16, or fit fewer images"
             )
 
-    def fit(self, images: Images, *, progress: bool = False) -> Self:
-        """Learn the memory bank from defect-free images, streaming (see the class docs).
-
-        Raises:
-            ConfigError: bad parameters, or the fit would exceed ``max_memory_mb`` (checked
-                before any image is read).
-        """
-        self._validate()
-        items = as_items(images)
-        self._check_memory(len(items))
-        self._num_images = len(items)
-        return super().fit(items, progress=progress)
+    def _check_resources(self, num_images: int) -> None:
+        self._check_memory(num_images)
 
     def embed(self, features: list[Tensor]) -> Tensor:
         """Locally aware patch features (Sec. 3.1).
@@ -261,7 +250,7 @@ class PatchCore(Detector):
             embedding = reduce_channels(embedding, self.embed_dim)
         return embedding
 
-    def _fit(self, batches: Iterator[list[Tensor]], progress: bool) -> None:
+    def _fit(self, batches: Iterator[list[Tensor]], num_images: int, progress: bool) -> None:
         generator = torch.Generator().manual_seed(self.seed)
         store: RowStore | None = None
         projected = matrix = None
@@ -272,9 +261,9 @@ class PatchCore(Detector):
                 rows = e.permute(0, 2, 3, 1).reshape(-1, e.shape[1])
                 if store is None:  # sizes from the first batch
                     dim = rows.shape[1]
-                    total = self._num_images * e.shape[2] * e.shape[3]
-                    n = max(1, round(self.coreset_ratio * total))
-                    project = self.projection_dim < dim and n < total
+                    # room for every image; fewer arrive when unreadable ones are skipped
+                    total = num_images * e.shape[2] * e.shape[3]
+                    project = self.projection_dim < dim and self.coreset_ratio < 1
                     if project:  # psi in Alg. 1
                         matrix = random_projection(dim, self.projection_dim, generator=generator)
                         projected = torch.empty(total, self.projection_dim)
@@ -284,12 +273,14 @@ class PatchCore(Detector):
                 if projected is not None:
                     projected[store.filled : store.filled + len(rows)] = rows @ matrix
                 store.append(rows)
-            if store is None or store.filled != total:
-                raise RuntimeError("the number of patches changed during the fit")
+            if store is None:
+                raise RuntimeError("no training features")
+            total = store.filled
+            n = max(1, round(self.coreset_ratio * total))
             if n >= total:
                 self.memory_bank_ = store.all().float().contiguous()
                 return
-            points = projected if projected is not None else store.all().float()
+            points = projected[:total] if projected is not None else store.all().float()
             index = greedy_coreset(points, n, generator=generator, progress=progress)
             del points, projected
             self.memory_bank_ = store.gather(index).contiguous()  # M_C
