@@ -29,6 +29,7 @@ def header() -> str:
 
     return (
         f"# command: {cmd}\n# date: {now}\n# machine: {platform.machine()}, "
-        f"{os.cpu_count()} cores (shared with other jobs: timings are noisy), "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads\n"
+        f"{os.cpu_count()} cores, load average at start {os.getloadavg()[0]:.2f} (above ~0.3 "
+        f"other jobs shared the cores and timings are noisy), torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads\n"
     )

@@ -46,7 +46,6 @@ def main() -> None:
     lines = [header(), det.describe_memory(args.images)]
     print(lines[-1], flush=True)
     det.embed = lambda features: features[0]
-    det._num_images = args.images
 
     def batches():
         g = torch.Generator().manual_seed(0)
@@ -54,7 +53,7 @@ def main() -> None:
             yield [torch.randn(4, 1536, 64, 64, generator=g)]
 
     start = time.perf_counter()
-    det._fit(batches(), progress=False)
+    det._fit(batches(), args.images, progress=False)
     lines.append(
         f"images={args.images} patches={args.images * 4096} bank={tuple(det.memory_bank_.shape)} "
         f"wall_s={time.perf_counter() - start:.0f} peak_rss_mb={peak_rss_mb():.0f}"

@@ -91,7 +91,9 @@ def metrics_for(rows: list[dict], maps_dir: Path) -> dict[str, float | None]:
     labels = np.array([int(r["label"]) for r in rows])
     scores = np.array([float(r["score"]) for r in rows])
     out: dict[str, float | None] = {
-        "image_auroc": float(roc_auc_score(labels, scores)) if 0 < labels.sum() < len(labels) else None,
+        "image_auroc": (
+            float(roc_auc_score(labels, scores)) if 0 < labels.sum() < len(labels) else None
+        ),
         "f1_max": f1_max(labels, scores) if labels.any() else None,
         "pixel_auroc": None,
         "aupro": None,

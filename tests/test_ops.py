@@ -41,6 +41,18 @@ def test_greedy_coreset_clustered_data_and_bounds() -> None:
         greedy_coreset(x, 0, generator=g)
 
 
+def test_greedy_coreset_chunked_split_is_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks larger than GATHER_ROWS are split without gathering them whole: same result."""
+    from patchad.ops import coreset
+
+    x = torch.randn(3001, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    whole = greedy_coreset(x, 150, generator=torch.Generator().manual_seed(2), leaf_size=100)
+    monkeypatch.setattr(coreset, "GATHER_ROWS", 97)
+    chunked = greedy_coreset(x, 150, generator=torch.Generator().manual_seed(2), leaf_size=100)
+    slow = greedy_coreset_reference(x, 150, start=int(chunked[0]))
+    assert chunked.tolist() == slow.tolist() == whole.tolist()
+
+
 def test_greedy_coreset_seeded() -> None:
     x = torch.randn(1000, 4)
     a = greedy_coreset(x, 50, generator=torch.Generator().manual_seed(7))

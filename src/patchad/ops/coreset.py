@@ -76,13 +76,22 @@ def _ball_blocks(x: Tensor, leaf_size: int, generator: torch.Generator) -> tuple
         for s, e in itertools.pairwise(bounds):
             if e - s > leaf_size:
                 idx = order[s:e]
-                mean = rmatvec(idx, torch.full((e - s,), 1.0 / (e - s), dtype=x.dtype))
                 axis = torch.randn(x.shape[1], generator=generator, dtype=x.dtype)
-                for _ in range(3):  # axis <- C^T C axis, C = x[idx] - mean, without forming C
-                    w = matvec(idx, axis) - mean @ axis
-                    axis = rmatvec(idx, w) - mean * w.sum()
-                    axis = axis / axis.norm().clamp_min(1e-12)
-                order[s:e] = idx[torch.argsort(matvec(idx, axis) - mean @ axis, stable=True)]
+                if e - s <= GATHER_ROWS:  # small enough: gather once
+                    block = x[idx]
+                    centred = block - block.mean(0)
+                    for _ in range(3):  # power iteration: axis <- C^T C axis
+                        axis = centred.T @ (centred @ axis)
+                        axis = axis / axis.norm().clamp_min(1e-12)
+                    along = centred @ axis
+                else:
+                    mean = rmatvec(idx, torch.full((e - s,), 1.0 / (e - s), dtype=x.dtype))
+                    for _ in range(3):  # as above, C = x[idx] - mean, without forming C
+                        w = matvec(idx, axis) - mean @ axis
+                        axis = rmatvec(idx, w) - mean * w.sum()
+                        axis = axis / axis.norm().clamp_min(1e-12)
+                    along = matvec(idx, axis) - mean @ axis
+                order[s:e] = idx[torch.argsort(along, stable=True)]
                 new.append((s + e) // 2)
             new.append(e)
         if len(new) == len(bounds):
@@ -90,12 +99,23 @@ def _ball_blocks(x: Tensor, leaf_size: int, generator: torch.Generator) -> tuple
         bounds = new
 
 
+def _runs(index: Tensor) -> list[tuple[int, int]]:
+    """Maximal runs of consecutive integers in a sorted 1-D tensor, as ``[(a, b), ...]`` with
+    ``b`` exclusive."""
+    if index.numel() == 0:
+        return []
+    cut = (index[1:] != index[:-1] + 1).nonzero().squeeze(1) + 1
+    starts = torch.cat([index[:1], index[cut]])
+    ends = torch.cat([index[cut - 1], index[-1:]]) + 1
+    return list(zip(starts.tolist(), ends.tolist(), strict=True))
+
+
 def greedy_coreset(
     x: Tensor,
     n: int,
     *,
     generator: torch.Generator,
-    leaf_size: int = 1024,
+    leaf_size: int = 256,
     progress: bool = False,
 ) -> Tensor:
     """Greedy k-center selection, exact, accelerated with the triangle inequality.
@@ -104,8 +124,11 @@ def greedy_coreset(
     ``b``, a radius ``rho`` (largest ``||x - b||``) and the largest current distance of its points
     to the coreset, ``r``. A new coreset point ``c`` can only lower distances in a block if
     ``||b - c|| - rho < r`` (for every point ``||x - c|| >= ||b - c|| - rho``), so each step
-    updates only the few blocks near ``c``. The result equals :func:`greedy_coreset_reference`
-    started at the same point, up to floating-point ties.
+    updates only the blocks near ``c``. Blocks are stored padded to one length ``L`` (with copies
+    of their first point, which change no maximum), so that a run of neighbouring blocks is
+    updated with a few tensor operations. Distances are kept squared (the arg-max and the min are
+    the same); only the pruning test takes square roots, of one value per block. The result
+    equals :func:`greedy_coreset_reference` started at the same point, up to floating-point ties.
 
     Args:
         x: points (already projected), shape (N, D).
@@ -122,25 +145,27 @@ def greedy_coreset(
         raise ValueError(f"coreset size must be in [1, {num}], got {n}")
     start = int(torch.randint(num, (1,), generator=generator))
     order, bounds = _ball_blocks(x, leaf_size, generator)
-    xs = x[order].contiguous()
-    position = torch.empty_like(order)
-    position[order] = torch.arange(num)
-    blocks = list(itertools.pairwise(bounds))
+    sizes = torch.tensor(bounds).diff()
+    nb, length = len(sizes), int(sizes.max())
+    # padded layout: block j holds rows j*L .. j*L + L - 1; padding repeats the block's first point
+    slot = torch.arange(nb * length).view(nb, length)
+    valid = slot % length < sizes[:, None]
+    source = torch.tensor(bounds[:-1])[:, None] + torch.where(valid, slot % length, 0)
+    src = order[source.flatten()]  # original index of every padded row, shape (nb * L,)
+    del source, slot
+    xs = torch.empty(nb * length, x.shape[1], dtype=x.dtype)
+    for c in torch.arange(nb * length).split(GATHER_ROWS):
+        xs[c] = x[src[c]]
     sq = (xs * xs).sum(1)  # ||x||^2, for ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2
+    blocks = xs.view(nb, length, -1)
+    weight = valid.to(x.dtype) / sizes[:, None].to(x.dtype)
+    centre = torch.einsum("bl,bld->bd", weight, blocks)
+    rho = torch.stack([(blocks[j] - centre[j]).norm(dim=1).max() for j in range(nb)])
+    centre_sq = (centre * centre).sum(1)
 
-    def distances(s: int, e: int, i: int) -> Tensor:
-        return (sq[s:e] - 2 * (xs[s:e] @ xs[i]) + sq[i]).clamp_min(0).sqrt()
-
-    centre = torch.stack([xs[s:e].mean(0) for s, e in blocks])
-    rho = torch.stack(
-        [
-            torch.linalg.vector_norm(xs[s:e] - centre[j], dim=1).max()
-            for j, (s, e) in enumerate(blocks)
-        ]
-    )
-    i = int(position[start])
-    dist = distances(0, num, i)
-    block_max = torch.stack([dist[s:e].max() for s, e in blocks])
+    i = int((src == start).nonzero()[0, 0])
+    dist = torch.addmv(sq, xs, xs[i], alpha=-2).add_(sq[i])  # squared distances to the coreset
+    block_max = dist.view(nb, length).amax(1)
     chosen = torch.empty(n, dtype=torch.long)
     chosen[0] = start
     bar = None
@@ -150,14 +175,16 @@ def greedy_coreset(
         bar = tqdm(total=n, desc="coreset", unit="patch", leave=False)
     for k in range(1, n):
         j = int(torch.argmax(block_max))
-        s, e = blocks[j]
-        i = s + int(torch.argmax(dist[s:e]))
-        chosen[k] = order[i]
-        gap = torch.linalg.vector_norm(centre - xs[i], dim=1)
-        for a in (gap - rho < block_max).nonzero().squeeze(1).tolist():
-            s, e = blocks[a]
-            torch.minimum(dist[s:e], distances(s, e, i), out=dist[s:e])
-            block_max[a] = dist[s:e].max()
+        i = j * length + int(torch.argmax(dist[j * length : (j + 1) * length]))
+        c = xs[i]
+        chosen[k] = src[i]
+        gap = torch.addmv(centre_sq, centre, c, alpha=-2).add_(sq[i]).clamp_min_(0).sqrt_()
+        near = (gap - rho < block_max.clamp_min(0).sqrt()).nonzero().squeeze(1)
+        for a, b in _runs(near):
+            rows = slice(a * length, b * length)
+            new = torch.addmv(sq[rows], xs[rows], c, alpha=-2).add_(sq[i])
+            torch.minimum(dist[rows], new, out=dist[rows])
+            torch.amax(dist[rows].view(b - a, length), 1, out=block_max[a:b])
         if bar is not None and k % 1000 == 0:
             bar.update(1000)
     if bar is not None:
