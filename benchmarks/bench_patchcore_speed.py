@@ -57,7 +57,9 @@ def run_one(settings: dict) -> dict:
         return out
 
     pc_module.greedy_coreset = timed
-    det = PatchCore(backbone="tf_efficientnet_lite0", image_size=256, **settings)
+    det = PatchCore(
+        backbone="tf_efficientnet_lite0", image_size=256, calibration_split=0.0, **settings
+    )
     start = time.perf_counter()
     det.fit(BOTTLE / "train" / "good")
     fit_s = time.perf_counter() - start
