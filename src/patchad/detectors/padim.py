@@ -178,8 +178,9 @@ class PaDiM(Detector):
             self.channel_index_ = torch.randperm(total, generator=generator)[:d].sort().values
         moments: Moments | None = None
         for features in batches:
-            # float32 sums of shifted values: as exact as float64 here (see benchmarks) at half
-            # the memory, and their buffer is reused for the inverse covariances
+            # float32 sums of shifted values: half the memory of float64, and their buffer is
+            # reused for the inverse covariances; on bottle (lite0, d=100) the scores were within
+            # 4e-7 (relative) of float64 sums and the AUROCs identical
             moments = accumulate(moments, self.embed(features), dtype=torch.float32)
         if moments is None or moments.count < 2:
             raise PatchadError("PaDiM needs at least 2 readable training images")
