@@ -85,7 +85,8 @@ def test_interrupted_benchmark_keeps_rows_and_resumes(
     import patchad.benchmark as bm
 
     out = tmp_path / "r"
-    args = ["-q", "benchmark", "--data", str(demo_root), *FAST, "--out", str(out)]
+    args = ["-q", "benchmark", "--data", str(demo_root), "--methods", "patchcore", *FAST]
+    args += ["--out", str(out)]
     real = bm.evaluate
     calls = []
 

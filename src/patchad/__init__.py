@@ -4,16 +4,18 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from patchad.detectors import DETECTORS, Detector, PatchCore, Prediction, load
+from patchad.detectors import DETECTORS, SPADE, Detector, PaDiM, PatchCore, Prediction, load
 from patchad.errors import ConfigError, NotFittedError, PatchadError
 from patchad.features import FeatureExtractor
 
 __all__ = [
     "DETECTORS",
+    "SPADE",
     "ConfigError",
     "Detector",
     "FeatureExtractor",
     "NotFittedError",
+    "PaDiM",
     "PatchCore",
     "PatchadError",
     "Prediction",

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from patchad.detectors.base import Detector, Prediction, load
+from patchad.detectors.padim import PaDiM
 from patchad.detectors.patchcore import PatchCore
+from patchad.detectors.spade import SPADE
 
-DETECTORS: dict[str, type[Detector]] = {"patchcore": PatchCore}
+DETECTORS: dict[str, type[Detector]] = {"patchcore": PatchCore, "padim": PaDiM, "spade": SPADE}
 
-__all__ = ["DETECTORS", "Detector", "PatchCore", "Prediction", "load"]
+__all__ = ["DETECTORS", "SPADE", "Detector", "PaDiM", "PatchCore", "Prediction", "load"]

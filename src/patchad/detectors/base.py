@@ -64,7 +64,8 @@ class Detector:
     method: ClassVar[str] = ""
     #: Strides of the default layers when ``layers`` is None.
     default_strides: ClassVar[tuple[int, ...]] = (8, 16)
-    #: Learned tensors written to the model file.
+    #: Learned tensors written to the model file (a subclass whose names depend on its
+    #: parameters, like SPADE's one gallery per layer, overrides this with a property).
     learned_tensors: ClassVar[tuple[str, ...]] = ()
     #: Calibration tensors, written to the model file when the detector is calibrated.
     calibration_tensors: ClassVar[tuple[str, ...]] = (
@@ -454,10 +455,10 @@ def load(path: str | os.PathLike[str], *, weights: str | None = None) -> Detecto
             f"{meta['fingerprint']}, now {detector.extractor_.fingerprint} from "
             f"{detector.extractor_.weights_source}); pass the original file with --weights"
         )
-    missing = [n for n in cls.learned_tensors if n not in tensors]
+    missing = [n for n in detector.learned_tensors if n not in tensors]
     if missing:
         raise PatchadError(f"{path}: model file lacks tensors {missing}")
-    for name in cls.learned_tensors:
+    for name in detector.learned_tensors:
         setattr(detector, name, tensors[name])
     state = dict(meta["state"])
     calibration = state.pop("calibration", None)

@@ -3,6 +3,8 @@ M x N distance matrix is ever held, with an optional faiss backend."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import Tensor
 
@@ -57,6 +59,29 @@ def knn(
         dists.append((d + squared_norms(q)[:, None]).clamp_min_(0).sqrt_())
         idxs.append(i)
     return torch.cat(dists), torch.cat(idxs)
+
+
+def min_distance(query: Tensor, banks: Iterable[Tensor]) -> Tensor:
+    """Euclidean distance from each query row to its nearest row in any of several banks.
+
+    Equal to ``knn(query, torch.cat(banks), 1)[0][:, 0]`` without concatenating the banks:
+    give them in pieces to bound memory (each piece goes through :func:`knn`, whose distance
+    block never exceeds :data:`CHUNK_ELEMENTS`).
+
+    Args:
+        query: shape (M, D).
+        banks: tensors of shape (N_i, D), at least one.
+
+    Returns:
+        Distances, shape (M,).
+    """
+    best: Tensor | None = None
+    for bank in banks:
+        d = knn(query, bank, 1)[0][:, 0]
+        best = d if best is None else torch.minimum(best, d)
+    if best is None:
+        raise ValueError("min_distance needs at least one bank")
+    return best
 
 
 def _faiss():
