@@ -34,6 +34,8 @@ CONFIGS = [
     ("1% torch exact search", {"coreset_ratio": 0.01, "search": "torch"}),
     ("1% faiss-ivf search", {"coreset_ratio": 0.01, "search": "faiss-ivf"}),
     ("10% faiss-ivf search", {"coreset_ratio": 0.1, "search": "faiss-ivf"}),
+    ("10% sharded coreset (50k rows/shard)", {"coreset_ratio": 0.1, "coreset_shard_size": 50_000}),
+    ("1% sharded coreset (50k rows/shard)", {"coreset_ratio": 0.01, "coreset_shard_size": 50_000}),
 ]
 
 

@@ -133,3 +133,29 @@ def test_align_and_concat_and_reduce() -> None:
     torch.testing.assert_close(out[:, :4], a)
     reduced = reduce_channels(out, 5)  # pairs of channels averaged
     torch.testing.assert_close(reduced[:, 0], out[:, :2].mean(1))
+
+
+def test_sharded_greedy_coreset_is_greedy_per_shard() -> None:
+    from patchad.ops.coreset import sharded_greedy_coreset
+
+    x = torch.randn(1000, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    got = sharded_greedy_coreset(x, 77, shard_rows=300, generator=torch.Generator().manual_seed(1))
+    assert len(got) == 77 == len(set(got.tolist()))
+    # replay: the same split, then each shard's exact greedy selection
+    g = torch.Generator().manual_seed(1)
+    parts = torch.randperm(1000, generator=g).tensor_split(4)  # ceil(1000 / 300) shards
+    assert [len(p) for p in parts] == [250] * 4
+    expected = []
+    for part in parts:  # 77 * 250 / 1000 = 19.25 each; one shard gets the extra point
+        k = 20 if len(expected) == 0 else 19
+        local = greedy_coreset(x[part], k, generator=g)
+        expected.append(part[local])
+    assert got.tolist() == torch.cat(expected).tolist()
+    same = sharded_greedy_coreset(
+        x, 50, shard_rows=5000, generator=torch.Generator().manual_seed(2)
+    )
+    assert (
+        same.tolist() == greedy_coreset(x, 50, generator=torch.Generator().manual_seed(2)).tolist()
+    )
+    with pytest.raises(ValueError, match="shard_rows"):
+        sharded_greedy_coreset(x, 5, shard_rows=0, generator=g)

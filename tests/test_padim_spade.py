@@ -288,10 +288,20 @@ def test_spade_pixel_knn_uses_every_retrieved_image(monkeypatch: pytest.MonkeyPa
     torch.testing.assert_close(det.pixel_distances([query], neighbours), brute, atol=1e-5, rtol=0)
 
 
-def test_min_distance_over_pieces() -> None:
+@pytest.mark.parametrize(("tile_rows", "tile_elements"), [(4096, 2**21), (7, 50), (16, 3)])
+def test_min_distance_over_pieces(
+    monkeypatch: pytest.MonkeyPatch, tile_rows: int, tile_elements: int
+) -> None:
+    """Any tiling (bank pieces, bank tiles, query tiles, ragged ends) gives brute force."""
+    from patchad.ops import knn as knn_module
+
+    monkeypatch.setattr(knn_module, "TILE_ROWS", tile_rows)
+    monkeypatch.setattr(knn_module, "TILE_ELEMENTS", tile_elements)
     query, bank = torch.randn(30, 8), torch.randn(100, 8)
     got = min_distance(query, bank.split(17))
     torch.testing.assert_close(got, torch.cdist(query, bank).min(1).values, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="at least one bank"):
+        min_distance(query, [])
 
 
 def test_spade_layers_are_averaged(spade: SPADE, demo_root: Path) -> None:

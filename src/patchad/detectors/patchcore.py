@@ -12,7 +12,7 @@ from torch import Tensor
 from patchad.detectors.base import Detector
 from patchad.errors import ConfigError
 from patchad.features import backbone_info, layer_indices
-from patchad.ops.coreset import greedy_coreset, random_projection
+from patchad.ops.coreset import greedy_coreset, random_projection, sharded_greedy_coreset
 from patchad.ops.knn import BACKENDS, SearchIndex
 from patchad.ops.patches import align_and_concat, local_aggregate, reduce_channels
 from patchad.ops.scores import reweighted_image_score
@@ -42,6 +42,11 @@ class PatchCore(Detector):
             pooling (official code: 1024); None keeps all.
         coreset_ratio: memory-bank size as a fraction of all training patches, in (0, 1].
         projection_dim: random-projection size used by the coreset selection only (128).
+        coreset_shard_size: None = the exact greedy coreset over all patches (the paper's);
+            an integer = above this many patches, split them at random into shards of at most
+            this many and select in each (:func:`~patchad.ops.coreset.sharded_greedy_coreset`):
+            cost divided by the number of shards, an approximate coreset, for very large
+            training sets.
         num_neighbors: patch score = mean distance to this many bank neighbours (1).
         reweight: apply the paper's Eq. 7 to the image score.
         reweight_neighbors: b in Eq. 7 (9).
@@ -87,6 +92,7 @@ class PatchCore(Detector):
         embed_dim: int | None = None,
         coreset_ratio: float = 0.1,
         projection_dim: int = 128,
+        coreset_shard_size: int | None = None,
         num_neighbors: int = 1,
         reweight: bool = True,
         reweight_neighbors: int = 9,
@@ -116,6 +122,7 @@ class PatchCore(Detector):
         self.embed_dim = embed_dim
         self.coreset_ratio = coreset_ratio
         self.projection_dim = projection_dim
+        self.coreset_shard_size = coreset_shard_size
         self.num_neighbors = num_neighbors
         self.reweight = reweight
         self.reweight_neighbors = reweight_neighbors
@@ -134,6 +141,13 @@ class PatchCore(Detector):
             raise ConfigError(f"embed_dim must be >= 1 or None, got {self.embed_dim!r}")
         if self.projection_dim < 1:
             raise ConfigError(f"projection_dim must be >= 1, got {self.projection_dim!r}")
+        if self.coreset_shard_size is not None and (
+            not isinstance(self.coreset_shard_size, int) or self.coreset_shard_size < 1000
+        ):
+            raise ConfigError(
+                f"coreset_shard_size must be an integer >= 1000 or None, "
+                f"got {self.coreset_shard_size!r}"
+            )
         if self.num_neighbors < 1:
             raise ConfigError(f"num_neighbors must be >= 1, got {self.num_neighbors!r}")
         if self.reweight_neighbors < 1:
@@ -196,7 +210,12 @@ class PatchCore(Detector):
         else:
             pdim = self.projection_dim if projected else dim
             proj = n * pdim * 4 + dim * pdim * 4 if projected else (0 if item == 4 else n * dim * 4)
-            coreset = n * pdim * 4 + n * (4 + 4 + 8 + 8)  # reordered copy, dist, norms, order
+            state = 4 + 4 + 8 + 8  # per point: dist, norms, order, padded index
+            if self.coreset_shard_size is None or n <= self.coreset_shard_size:
+                coreset = n * pdim * 4 + n * state  # reordered copy + state
+            else:  # one shard at a time: its copy, reordered copy, state; the permutation
+                rows = self.coreset_shard_size
+                coreset = rows * pdim * 8 + rows * state + n * 8
         bank = n_bank * dim * 4
         peak = max(features + proj + coreset, features + bank)
         return {
@@ -281,7 +300,16 @@ class PatchCore(Detector):
                 self.memory_bank_ = store.all().float().contiguous()
                 return
             points = projected[:total] if projected is not None else store.all().float()
-            index = greedy_coreset(points, n, generator=generator, progress=progress)
+            if self.coreset_shard_size is not None and total > self.coreset_shard_size:
+                index = sharded_greedy_coreset(
+                    points,
+                    n,
+                    shard_rows=self.coreset_shard_size,
+                    generator=generator,
+                    progress=progress,
+                )
+            else:
+                index = greedy_coreset(points, n, generator=generator, progress=progress)
             del points, projected
             self.memory_bank_ = store.gather(index).contiguous()  # M_C
         finally:

@@ -190,3 +190,53 @@ def greedy_coreset(
     if bar is not None:
         bar.close()
     return chosen
+
+
+def sharded_greedy_coreset(
+    x: Tensor,
+    n: int,
+    *,
+    shard_rows: int,
+    generator: torch.Generator,
+    progress: bool = False,
+) -> Tensor:
+    """Approximate greedy k-center for very large N: split the points at random into
+    ``m = ceil(N / shard_rows)`` shards and run :func:`greedy_coreset` in each.
+
+    Shard ``s`` of ``N_s`` points contributes ``n_s`` points, ``n_s`` proportional to ``N_s``
+    (largest remainders, summing to ``n``). The exact greedy costs O(n N) distance evaluations;
+    this costs O(n N / m). The union is the composable two-round k-center of distributed
+    clustering (each shard's points are covered by its own greedy centres), not the exact
+    greedy sequence: compare the two with ``benchmarks/bench_patchcore_speed.py``.
+
+    Args:
+        x: points (already projected), shape (N, D).
+        n: number of points to select, 1 <= n <= N.
+        shard_rows: most points in a shard (>= 1); with ``N <= shard_rows`` this is
+            :func:`greedy_coreset`.
+        generator: seeds the split and each shard's selection.
+        progress: show progress bars.
+
+    Returns:
+        Selected indices into ``x``, shard by shard, shape (n,).
+    """
+    num = x.shape[0]
+    if not 1 <= n <= num:
+        raise ValueError(f"coreset size must be in [1, {num}], got {n}")
+    if shard_rows < 1:
+        raise ValueError(f"shard_rows must be >= 1, got {shard_rows}")
+    shards = -(-num // shard_rows)
+    if shards == 1:
+        return greedy_coreset(x, n, generator=generator, progress=progress)
+    parts = torch.randperm(num, generator=generator).tensor_split(shards)
+    sizes = torch.tensor([len(p) for p in parts], dtype=torch.float64)
+    share = sizes * n / num
+    take = share.floor().long()
+    extra = n - int(take.sum())
+    take[torch.argsort(share - take, descending=True, stable=True)[:extra]] += 1
+    chosen = []
+    for part, k in zip(parts, take.tolist(), strict=True):
+        if k > 0:
+            local = greedy_coreset(x[part], k, generator=generator, progress=progress)
+            chosen.append(part[local])
+    return torch.cat(chosen)
