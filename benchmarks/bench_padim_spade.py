@@ -105,7 +105,7 @@ def main() -> None:
     if args.one:
         print(json.dumps(run_one(args.one)))
         return
-    lines = [header().rstrip("\n"), f"# load average at start: {load_average()}", ""]
+    lines = [header().rstrip("\n"), ""]
     cols = (
         "method | fit s | predict ms/img (e2e) | predict_tensor ms/img | backbone ms/img | "
         "ratio | image kNN ms/img | pixel kNN ms/img | image AUROC | pixel AUROC | "

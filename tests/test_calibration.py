@@ -231,3 +231,32 @@ def test_predict_writes_masks_results_and_exit_codes(
     args = ["-q", "predict", "--model", str(calibrated), "--fail-on-anomaly", "--force"]
     assert main([*args, worst["path"], normal["path"], "--out", str(tmp_path / "two")]) == 1
     assert main([*args, normal["path"], "--out", str(tmp_path / "one")]) == 0
+
+
+def test_evaluate_reports_rates_at_the_stored_threshold(
+    calibrated: Path, demo_root: Path, tmp_path: Path
+) -> None:
+    """evaluate: false-alarm and miss rates at the stored threshold, F1-max labelled oracle."""
+    out, maps = tmp_path / "metrics.json", tmp_path / "maps"
+    args = ["-q", "evaluate", "--model", str(calibrated), "--data", str(demo_root / "object")]
+    assert main([*args, "--out", str(out), "--save-maps", str(maps)]) == 0
+    result = json.loads(out.read_text())
+    assert result["f1_max_note"].startswith("oracle")
+    rows = (maps / "scores.csv").read_text().splitlines()[1:]
+    scores = np.array([float(r.split(",")[3]) for r in rows])
+    labels = np.array([int(r.split(",")[2]) for r in rows])
+    det = load(calibrated)
+    far, miss = rates_at_threshold(scores, labels, det.image_threshold_)
+    at = result["at_threshold"]
+    assert at["image_threshold"] == pytest.approx(det.image_threshold_)
+    assert at["fpr_chosen"] == det.fpr
+    assert at["false_alarm_rate"] == pytest.approx(far)
+    assert at["miss_rate"] == pytest.approx(miss)
+    assert (at["n_good"], at["n_defective"]) == ((labels == 0).sum(), (labels == 1).sum())
+    # an uncalibrated model has no decision to report
+    plain = tmp_path / "plain.safetensors"
+    det = PatchCore(backbone=LITE0, image_size=64, coreset_ratio=0.5, calibration_split=0)
+    det.fit(demo_root / "object" / "train" / "good").save(plain)
+    args = ["-q", "evaluate", "--model", str(plain), "--data", str(demo_root / "object")]
+    assert main([*args, "--out", str(tmp_path / "p.json")]) == 0
+    assert "at_threshold" not in json.loads((tmp_path / "p.json").read_text())

@@ -159,3 +159,25 @@ def test_sharded_greedy_coreset_is_greedy_per_shard() -> None:
     )
     with pytest.raises(ValueError, match="shard_rows"):
         sharded_greedy_coreset(x, 5, shard_rows=0, generator=g)
+
+
+@pytest.mark.parametrize(
+    ("h", "w", "size", "sigma"),
+    [
+        (32, 32, (256, 256), 4.0),
+        (7, 5, (64, 40), 4.0),
+        (3, 9, (30, 3), 2.5),
+        (16, 16, (224, 224), 0.0),
+    ],
+)
+def test_anomaly_map_equals_interpolate_then_blur(
+    h: int, w: int, size: tuple[int, int], sigma: float
+) -> None:
+    """The fused matrix form equals F.interpolate (bilinear) followed by the scipy-equal blur."""
+    import torch.nn.functional as F
+
+    x = torch.rand(3, h, w, generator=torch.Generator().manual_seed(h * w))
+    up = F.interpolate(x[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    torch.testing.assert_close(
+        anomaly_map(x, size, sigma), gaussian_blur(up, sigma), atol=2e-6, rtol=0
+    )

@@ -11,6 +11,7 @@ import argparse
 import csv
 import io
 import json
+import math
 import os
 import sys
 import tempfile
@@ -347,7 +348,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         "method": detector.method,
         "eval_size": args.eval_size,
         **report.to_row(),
+        "f1_max_note": "oracle: F1 at the best threshold chosen with the test labels, "
+        "which a factory does not have; see at_threshold for the deployable decision",
     }
+    if detector.is_calibrated:
+        from patchad.calibration import rates_at_threshold
+
+        far, miss = rates_at_threshold(report.scores, report.labels, detector.image_threshold_)
+        result["at_threshold"] = {
+            "fpr_chosen": detector.fpr,
+            "image_threshold": detector.image_threshold_,
+            "false_alarm_rate": None if math.isnan(far) else far,
+            "miss_rate": None if math.isnan(miss) else miss,
+            "n_good": int((report.labels == 0).sum()),
+            "n_defective": int((report.labels == 1).sum()),
+        }
     text = json.dumps(result, indent=1, allow_nan=False)
     print(text)
     if args.out is not None:
