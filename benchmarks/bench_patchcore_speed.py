@@ -50,15 +50,18 @@ def run_one(settings: dict) -> dict:
     from patchad.metrics import image_auroc, pixel_auroc
 
     coreset_time = [0.0]
-    original = pc_module.greedy_coreset
 
-    def timed(*a, **k):
-        t = time.perf_counter()
-        out = original(*a, **k)
-        coreset_time[0] += time.perf_counter() - t
-        return out
+    def timed(original):
+        def run(*a, **k):
+            t = time.perf_counter()
+            out = original(*a, **k)
+            coreset_time[0] += time.perf_counter() - t
+            return out
 
-    pc_module.greedy_coreset = timed
+        return run
+
+    pc_module.greedy_coreset = timed(pc_module.greedy_coreset)
+    pc_module.sharded_greedy_coreset = timed(pc_module.sharded_greedy_coreset)
     det = PatchCore(
         backbone="tf_efficientnet_lite0", image_size=256, calibration_split=0.0, **settings
     )
