@@ -132,6 +132,26 @@ def test_bad_parameters(setting: dict, message: str, demo_root: Path) -> None:
         det.fit(demo_root / "object" / "train" / "good")
 
 
+@pytest.mark.parametrize("method", ["patchcore", "padim", "spade"])
+def test_normalization_option(method: str, demo_root: Path, tmp_path: Path) -> None:
+    """normalization="imagenet" swaps the backbone's mean/std for ImageNet's and round-trips;
+    an unknown value is a ConfigError."""
+    from patchad import DETECTORS, load
+
+    cls = DETECTORS[method]
+    det = cls(backbone=LITE0, image_size=64, batch_size=8, normalization="imagenet")
+    det.fit(demo_root / "object" / "train" / "good")
+    assert det.preprocess_.mean == (0.485, 0.456, 0.406)
+    assert det.preprocess_.std == (0.229, 0.224, 0.225)
+    assert det.extractor_.mean == (0.5, 0.5, 0.5)  # lite0's own config, used by default
+    det.save(tmp_path / "m.safetensors")
+    again = load(tmp_path / "m.safetensors")
+    assert again.normalization == "imagenet"
+    assert again.preprocess_.mean == det.preprocess_.mean
+    with pytest.raises(patchad.ConfigError, match="normalization must be one of"):
+        cls(backbone=LITE0, normalization="coco").fit(demo_root / "object" / "train" / "good")
+
+
 def test_model_file_refusals(fitted: PatchCore, tmp_path: Path) -> None:
     good = tmp_path / "good.safetensors"
     fitted.save(good)

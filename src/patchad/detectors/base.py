@@ -29,6 +29,13 @@ if typing.TYPE_CHECKING:
     from typing_extensions import Self
 
 
+#: Input normalisations: None = the backbone's pretrained config (``FeatureExtractor.mean/std``).
+NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]] | None] = {
+    "backbone": None,
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
 @dataclass(frozen=True)
 class Prediction:
     """What ``predict`` returns; higher = more anomalous everywhere.
@@ -86,9 +93,11 @@ class Detector:
         seed: int,
         calibration_split: float = 0.1,
         fpr: float = 0.01,
+        normalization: str = "backbone",
     ) -> None:
         self.calibration_split = calibration_split
         self.fpr = fpr
+        self.normalization = normalization
         self.backbone = backbone
         self.layers = layers
         self.weights = weights
@@ -138,6 +147,10 @@ class Detector:
             )
         if not isinstance(self.fpr, (int, float)) or not 0 <= self.fpr < 1:
             raise ConfigError(f"fpr must be in [0, 1), got {self.fpr!r}")
+        if self.normalization not in NORMALIZATIONS:
+            raise ConfigError(
+                f"normalization must be one of {list(NORMALIZATIONS)}, got {self.normalization!r}"
+            )
         backbone_info(self.backbone)  # unknown backbone -> error now
 
     @property
@@ -152,9 +165,11 @@ class Detector:
         self.extractor_ = FeatureExtractor(
             self.backbone, self.resolved_layers, weights=self.weights
         )
-        self.preprocess_ = Preprocess(
-            self.image_size, self.crop_size, self.extractor_.mean, self.extractor_.std
+        mean, std = NORMALIZATIONS[self.normalization] or (
+            self.extractor_.mean,
+            self.extractor_.std,
         )
+        self.preprocess_ = Preprocess(self.image_size, self.crop_size, mean, std)
 
     def features(self, images: Tensor) -> list[Tensor]:
         """Backbone feature maps of preprocessed images (B, 3, S, S), one per layer."""

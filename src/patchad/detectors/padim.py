@@ -69,6 +69,8 @@ class PaDiM(Detector):
         calibration_split: share of the good training images held out (seeded by ``seed``) to
             calibrate thresholds after fitting; 0 disables (see :meth:`Detector.calibrate`).
         fpr: chosen false-alarm rate for the calibrated image and pixel thresholds.
+        normalization: input mean/std: ``"backbone"`` (its pretrained config, the default) or
+            ``"imagenet"`` (ImageNet's, as anomalib uses for every backbone).
 
     Example:
         >>> from patchad.demo import demo_images
@@ -98,6 +100,7 @@ class PaDiM(Detector):
         seed: int = 0,
         calibration_split: float = 0.1,
         fpr: float = 0.01,
+        normalization: str = "backbone",
     ) -> None:
         super().__init__(
             backbone=backbone,
@@ -110,6 +113,7 @@ class PaDiM(Detector):
             seed=seed,
             calibration_split=calibration_split,
             fpr=fpr,
+            normalization=normalization,
         )
         self.n_features = n_features
         self.epsilon = epsilon

@@ -66,6 +66,8 @@ class PatchCore(Detector):
         calibration_split: share of the good training images held out (seeded by ``seed``) to
             calibrate thresholds after fitting; 0 disables (see :meth:`Detector.calibrate`).
         fpr: chosen false-alarm rate for the calibrated image and pixel thresholds.
+        normalization: input mean/std: ``"backbone"`` (its pretrained config, the default) or
+            ``"imagenet"`` (ImageNet's, as anomalib uses for every backbone).
 
     Example:
         >>> from patchad.demo import demo_images
@@ -105,6 +107,7 @@ class PatchCore(Detector):
         max_memory_mb: int | None = None,
         calibration_split: float = 0.1,
         fpr: float = 0.01,
+        normalization: str = "backbone",
     ) -> None:
         super().__init__(
             backbone=backbone,
@@ -117,6 +120,7 @@ class PatchCore(Detector):
             seed=seed,
             calibration_split=calibration_split,
             fpr=fpr,
+            normalization=normalization,
         )
         self.patch_size = patch_size
         self.embed_dim = embed_dim

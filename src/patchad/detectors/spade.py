@@ -50,6 +50,8 @@ class SPADE(Detector):
         calibration_split: share of the good training images held out (seeded by ``seed``) to
             calibrate thresholds after fitting; 0 disables (see :meth:`Detector.calibrate`).
         fpr: chosen false-alarm rate for the calibrated image and pixel thresholds.
+        normalization: input mean/std: ``"backbone"`` (its pretrained config, the default) or
+            ``"imagenet"`` (ImageNet's, as anomalib uses for every backbone).
 
     Example:
         >>> from patchad.demo import demo_images
@@ -77,6 +79,7 @@ class SPADE(Detector):
         seed: int = 0,
         calibration_split: float = 0.1,
         fpr: float = 0.01,
+        normalization: str = "backbone",
     ) -> None:
         super().__init__(
             backbone=backbone,
@@ -89,6 +92,7 @@ class SPADE(Detector):
             seed=seed,
             calibration_split=calibration_split,
             fpr=fpr,
+            normalization=normalization,
         )
         self.k = k
 
