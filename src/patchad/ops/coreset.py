@@ -154,9 +154,13 @@ def greedy_coreset(
     src = order[source.flatten()]  # original index of every padded row, shape (nb * L,)
     del source, slot
     xs = torch.empty(nb * length, x.shape[1], dtype=x.dtype)
-    for c in torch.arange(nb * length).split(GATHER_ROWS):
-        xs[c] = x[src[c]]
-    sq = (xs * xs).sum(1)  # ||x||^2, for ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2
+    sq = torch.empty(
+        nb * length, dtype=x.dtype
+    )  # ||x||^2, for ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2
+    for c in torch.arange(nb * length).split(GATHER_ROWS):  # chunked: no full-size temporary
+        rows = x[src[c]]
+        xs[c] = rows
+        sq[c] = (rows * rows).sum(1)
     blocks = xs.view(nb, length, -1)
     weight = valid.to(x.dtype) / sizes[:, None].to(x.dtype)
     centre = torch.einsum("bl,bld->bd", weight, blocks)
