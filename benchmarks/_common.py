@@ -33,3 +33,63 @@ def header() -> str:
         f"other jobs shared the cores and timings are noisy), torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads\n"
     )
+
+
+def fit_and_score_bottle(det) -> dict:
+    """Fit ``det`` on bottle's ``train/good`` and predict its test set.
+
+    Returns:
+        ``fit_s``, ``fit_peak_rss_mb``, ``predict_ms_img`` (end to end over the test set),
+        ``image_auroc``, ``pixel_auroc`` (masks at each image's size; good images count as
+        all-normal), and ``batch``: the first 8 test images preprocessed, for
+        :func:`forward_times`.
+    """
+    import time
+
+    import numpy as np
+
+    from patchad.images import list_images, read_mask
+    from patchad.loading import iter_batches
+    from patchad.metrics import image_auroc, pixel_auroc
+
+    start = time.perf_counter()
+    det.fit(BOTTLE / "train" / "good")
+    fit_s = time.perf_counter() - start
+    fit_rss = peak_rss_mb()
+    test = list_images(BOTTLE / "test")
+    labels = np.array([p.parent.name != "good" for p in test])
+    start = time.perf_counter()
+    pred = det.predict(test)
+    predict_ms = (time.perf_counter() - start) / len(test) * 1000
+    masks = []
+    for p, m in zip(test, pred.maps, strict=True):
+        mask_path = BOTTLE / "ground_truth" / p.parent.name / f"{p.stem}_mask.png"
+        masks.append(read_mask(mask_path) if mask_path.exists() else np.zeros(m.shape, bool))
+    return {
+        "fit_s": fit_s,
+        "fit_peak_rss_mb": fit_rss,
+        "predict_ms_img": predict_ms,
+        "image_auroc": image_auroc(pred.scores, labels),
+        "pixel_auroc": pixel_auroc(pred.maps, masks),
+        "batch": next(iter(iter_batches(test[:8], det.preprocess_, 8))).images,
+    }
+
+
+def forward_times(det, batch, repeats: int = 3) -> list[tuple[float, float, dict]]:
+    """After one warm-up, ``repeats`` times: seconds of the backbone's forward on ``batch``,
+    seconds of ``det.predict_tensor(batch)``, and the detector's ``last_timings_`` (or {})."""
+    import time
+
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        det.predict_tensor(batch)
+        for _ in range(repeats):
+            t = time.perf_counter()
+            det.features(batch)
+            backbone = time.perf_counter() - t
+            t = time.perf_counter()
+            det.predict_tensor(batch)
+            out.append((backbone, time.perf_counter() - t, dict(getattr(det, "last_timings_", {}))))
+    return out

@@ -18,55 +18,28 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import BOTTLE, RESULTS, header, peak_rss_mb
+from _common import RESULTS, fit_and_score_bottle, forward_times, header, peak_rss_mb
 
 METHODS = ("padim", "spade")
 
 
 def run_one(method: str) -> dict:
-    import numpy as np
     import torch
 
     from patchad.detectors import DETECTORS
-    from patchad.images import list_images, read_mask
-    from patchad.loading import iter_batches
-    from patchad.metrics import image_auroc, pixel_auroc
 
     det = DETECTORS[method](backbone="tf_efficientnet_lite0", image_size=256, calibration_split=0)
-    start = time.perf_counter()
-    det.fit(BOTTLE / "train" / "good")
-    fit_s = time.perf_counter() - start
-    fit_rss = peak_rss_mb()
-
-    test = list_images(BOTTLE / "test")
-    labels = np.array([p.parent.name != "good" for p in test])
-    start = time.perf_counter()
-    pred = det.predict(test)
-    predict_ms = (time.perf_counter() - start) / len(test) * 1000
-    masks = []
-    for p, m in zip(test, pred.maps, strict=True):
-        mask_path = BOTTLE / "ground_truth" / p.parent.name / f"{p.stem}_mask.png"
-        masks.append(read_mask(mask_path) if mask_path.exists() else np.zeros(m.shape, bool))
-
-    batch = next(iter(iter_batches(test[:8], det.preprocess_, 8))).images
-    backbone_t, predict_t, image_knn_t, pixel_knn_t = [], [], [], []
-    with torch.inference_mode():
-        det.predict_tensor(batch)
-        for _ in range(3):
-            t = time.perf_counter()
-            det.features(batch)
-            backbone_t.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            det.predict_tensor(batch)
-            predict_t.append(time.perf_counter() - t)
-            timings = getattr(det, "last_timings_", {})
-            image_knn_t.append(timings.get("image_knn_s", float("nan")))
-            pixel_knn_t.append(timings.get("pixel_knn_s", float("nan")))
+    scored = fit_and_score_bottle(det)
+    batch = scored.pop("batch")
+    times = forward_times(det, batch)
     n = len(batch)
+
+    def ms_per_image(values) -> float:
+        return statistics.median(values) / n * 1000
+
     model_mb = (
         sum(
             getattr(det, name).numel() * getattr(det, name).element_size()
@@ -75,16 +48,12 @@ def run_one(method: str) -> dict:
         / 2**20
     )
     return {
-        "fit_s": fit_s,
-        "predict_ms_img": predict_ms,
-        "predict_tensor_ms_img": statistics.median(predict_t) / n * 1000,
-        "backbone_ms_img": statistics.median(backbone_t) / n * 1000,
-        "image_knn_ms_img": statistics.median(image_knn_t) / n * 1000,
-        "pixel_knn_ms_img": statistics.median(pixel_knn_t) / n * 1000,
-        "image_auroc": image_auroc(pred.scores, labels),
-        "pixel_auroc": pixel_auroc(pred.maps, masks),
+        **scored,
+        "predict_tensor_ms_img": ms_per_image(t[1] for t in times),
+        "backbone_ms_img": ms_per_image(t[0] for t in times),
+        "image_knn_ms_img": ms_per_image(t[2].get("image_knn_s", float("nan")) for t in times),
+        "pixel_knn_ms_img": ms_per_image(t[2].get("pixel_knn_s", float("nan")) for t in times),
         "model_mb": model_mb,
-        "fit_peak_rss_mb": fit_rss,
         "peak_rss_mb": peak_rss_mb(),
         "threads": torch.get_num_threads(),
     }

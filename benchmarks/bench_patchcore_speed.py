@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import BOTTLE, RESULTS, header, peak_rss_mb
+from _common import RESULTS, fit_and_score_bottle, forward_times, header, peak_rss_mb
 
 #: (label, PatchCore settings); each varies one thing from the 1% baseline.
 CONFIGS = [
@@ -40,14 +40,8 @@ CONFIGS = [
 
 
 def run_one(settings: dict) -> dict:
-    import numpy as np
-    import torch
-
     import patchad.detectors.patchcore as pc_module
     from patchad.detectors import PatchCore
-    from patchad.images import list_images, read_mask
-    from patchad.loading import iter_batches
-    from patchad.metrics import image_auroc, pixel_auroc
 
     coreset_time = [0.0]
 
@@ -65,44 +59,17 @@ def run_one(settings: dict) -> dict:
     det = PatchCore(
         backbone="tf_efficientnet_lite0", image_size=256, calibration_split=0.0, **settings
     )
-    start = time.perf_counter()
-    det.fit(BOTTLE / "train" / "good")
-    fit_s = time.perf_counter() - start
-    fit_rss = peak_rss_mb()
-
-    test = list_images(BOTTLE / "test")
-    labels = np.array([p.parent.name != "good" for p in test])
-    start = time.perf_counter()
-    pred = det.predict(test)
-    predict_ms = (time.perf_counter() - start) / len(test) * 1000
-    masks = []
-    for p, m in zip(test, pred.maps, strict=True):
-        mask_path = BOTTLE / "ground_truth" / p.parent.name / f"{p.stem}_mask.png"
-        masks.append(read_mask(mask_path) if mask_path.exists() else np.zeros(m.shape, bool))
-
-    batch = next(iter(iter_batches(test[:8], det.preprocess_, 8))).images
-    backbone_t, predict_t = [], []
-    with torch.inference_mode():
-        det.features(batch)
-        for _ in range(3):
-            t = time.perf_counter()
-            det.features(batch)
-            backbone_t.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            det.predict_tensor(batch)
-            predict_t.append(time.perf_counter() - t)
+    scored = fit_and_score_bottle(det)
+    batch = scored.pop("batch")
+    times = forward_times(det, batch)
     n = len(batch)
     return {
-        "fit_s": fit_s,
+        **scored,
         "coreset_s": coreset_time[0],
         "bank": det.memory_bank_.shape[0],
         "search": det._index.backend,
-        "predict_ms_img": predict_ms,
-        "predict_tensor_ms_img": statistics.median(predict_t) / n * 1000,
-        "backbone_ms_img": statistics.median(backbone_t) / n * 1000,
-        "image_auroc": image_auroc(pred.scores, labels),
-        "pixel_auroc": pixel_auroc(pred.maps, masks),
-        "fit_peak_rss_mb": fit_rss,
+        "predict_tensor_ms_img": statistics.median(t[1] for t in times) / n * 1000,
+        "backbone_ms_img": statistics.median(t[0] for t in times) / n * 1000,
         "peak_rss_mb": peak_rss_mb(),
     }
 

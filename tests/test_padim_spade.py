@@ -188,16 +188,20 @@ def test_padim_embedding_is_nearest_upsampled_subset(padim: PaDiM, demo_root: Pa
     torch.testing.assert_close(padim.embed(features), expected)
 
 
-def test_padim_save_load_round_trip(padim: PaDiM, demo_root: Path, tmp_path: Path) -> None:
-    path = tmp_path / "padim.safetensors"
-    padim.save(path)
+@pytest.mark.parametrize("name", ["padim", "spade"])
+def test_save_load_round_trip(
+    name: str, request: pytest.FixtureRequest, demo_root: Path, tmp_path: Path
+) -> None:
+    det = request.getfixturevalue(name)  # the fitted PaDiM or SPADE fixture
+    path = tmp_path / f"{name}.safetensors"
+    det.save(path)
     loaded = patchad.load(path)
-    assert isinstance(loaded, PaDiM)
-    assert loaded.get_params() == padim.get_params()
-    for name in PaDiM.learned_tensors:
-        assert torch.equal(getattr(loaded, name), getattr(padim, name))
+    assert type(loaded) is type(det)
+    assert loaded.get_params() == det.get_params()
+    for tensor in det.learned_tensors:
+        assert torch.equal(getattr(loaded, tensor), getattr(det, tensor))
     images = list_images(demo_root / "object" / "test")[:4]
-    a, b = padim.predict(images), loaded.predict(images)
+    a, b = det.predict(images), loaded.predict(images)
     np.testing.assert_array_equal(a.scores, b.scores)
     for x, y in zip(a.maps, b.maps, strict=True):
         np.testing.assert_array_equal(x, y)
@@ -323,21 +327,6 @@ def test_spade_layers_are_averaged(spade: SPADE, demo_root: Path) -> None:
     torch.testing.assert_close(
         spade.pixel_distances(features, neighbours), expected, atol=1e-4, rtol=1e-4
     )
-
-
-def test_spade_save_load_round_trip(spade: SPADE, demo_root: Path, tmp_path: Path) -> None:
-    path = tmp_path / "spade.safetensors"
-    spade.save(path)
-    loaded = patchad.load(path)
-    assert isinstance(loaded, SPADE)
-    assert loaded.get_params() == spade.get_params()
-    for name in spade.learned_tensors:
-        assert torch.equal(getattr(loaded, name), getattr(spade, name))
-    images = list_images(demo_root / "object" / "test")[:4]
-    a, b = spade.predict(images), loaded.predict(images)
-    np.testing.assert_array_equal(a.scores, b.scores)
-    for x, y in zip(a.maps, b.maps, strict=True):
-        np.testing.assert_array_equal(x, y)
 
 
 def test_spade_custom_layers_round_trip(demo_root: Path, tmp_path: Path) -> None:

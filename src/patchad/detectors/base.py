@@ -20,7 +20,13 @@ from torch import Tensor
 from tqdm import tqdm
 
 from patchad.errors import ConfigError, NotFittedError, PatchadError
-from patchad.features import FeatureExtractor, Preprocess, backbone_info, layers_at_strides
+from patchad.features import (
+    FeatureExtractor,
+    Preprocess,
+    backbone_info,
+    layer_indices,
+    layers_at_strides,
+)
 from patchad.loading import ImageLike, Images, as_items, iter_batches
 from patchad.modelfile import read_model, write_model
 from patchad.ops.maps import anomaly_map
@@ -159,6 +165,11 @@ class Detector:
         if self.layers:
             return tuple(self.layers)
         return layers_at_strides(self.backbone, self.default_strides)
+
+    def total_channels(self) -> int:
+        """Channels of the resolved layers together, from backbone metadata only."""
+        info = backbone_info(self.backbone)
+        return sum(info.channels[i] for i in layer_indices(self.backbone, self.resolved_layers))
 
     # ------------------------------------------------------------------ pipeline
     def _build(self) -> None:

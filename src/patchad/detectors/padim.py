@@ -10,7 +10,6 @@ from torch import Tensor
 
 from patchad.detectors.base import Detector
 from patchad.errors import ConfigError, PatchadError
-from patchad.features import backbone_info, layer_indices
 from patchad.ops.gaussian import Moments, accumulate, fit_gaussians, mahalanobis
 from patchad.ops.patches import align_and_concat
 
@@ -130,11 +129,6 @@ class PaDiM(Detector):
             )
         if not isinstance(self.epsilon, (int, float)) or not self.epsilon > 0:
             raise ConfigError(f"epsilon must be > 0, got {self.epsilon!r}")
-
-    def total_channels(self) -> int:
-        """Channels of the concatenated layers, from backbone metadata only."""
-        info = backbone_info(self.backbone)
-        return sum(info.channels[i] for i in layer_indices(self.backbone, self.resolved_layers))
 
     @property
     def resolved_n_features(self) -> int:

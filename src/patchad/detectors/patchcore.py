@@ -174,7 +174,7 @@ class PatchCore(Detector):
         """(patches per image, patch feature dim), from backbone metadata only."""
         info = backbone_info(self.backbone)
         idx = layer_indices(self.backbone, self.resolved_layers)
-        dim = sum(info.channels[i] for i in idx)
+        dim = self.total_channels()
         if self.embed_dim is not None:
             dim = min(dim, self.embed_dim)
         side = self.crop_size or self.image_size

@@ -14,8 +14,8 @@ from patchad.detectors.base import Detector
 from patchad.errors import ConfigError, PatchadError
 from patchad.ops.knn import knn, min_distance
 
-#: Most gallery rows (patches of the retrieved images) searched at once by the pixel kNN; with
-#: the query chunking of :func:`patchad.ops.knn.knn` this bounds the distance block whatever K.
+#: Most gallery rows (patches of the retrieved images) gathered into one piece for the pixel kNN,
+#: so the copy stays bounded whatever K; :func:`patchad.ops.knn.min_distance` tiles each piece.
 GALLERY_ROWS = 65536
 
 
