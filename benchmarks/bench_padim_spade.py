@@ -26,12 +26,15 @@ from _common import RESULTS, fit_and_score_bottle, forward_times, header, peak_r
 METHODS = ("padim", "spade")
 
 
-def run_one(method: str) -> dict:
+def run_one(method: str, settings: list[str]) -> dict:
     import torch
 
     from patchad.detectors import DETECTORS
+    from patchad.params import parse_settings
 
-    det = DETECTORS[method](backbone="tf_efficientnet_lite0", image_size=256, calibration_split=0)
+    cls = DETECTORS[method]
+    extra = parse_settings(settings, cls.param_types())
+    det = cls(backbone="tf_efficientnet_lite0", image_size=256, calibration_split=0, **extra)
     scored = fit_and_score_bottle(det)
     batch = scored.pop("batch")
     times = forward_times(det, batch)
@@ -70,9 +73,16 @@ def main() -> None:
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help="results file name under benchmarks/results")
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a detector parameter for every method run (as patchad fit --set)",
+    )
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.one)))
+        print(json.dumps(run_one(args.one, args.set)))
         return
     lines = [header().rstrip("\n"), ""]
     cols = (
@@ -84,7 +94,7 @@ def main() -> None:
     print("\n".join(lines), flush=True)
     for method in args.methods.split(","):
         out = subprocess.run(
-            [sys.executable, __file__, "--one", method],
+            [sys.executable, __file__, "--one", method, *(f"--set={kv}" for kv in args.set)],
             capture_output=True,
             text=True,
             check=True,
@@ -103,7 +113,8 @@ def main() -> None:
     lines += [
         "",
         "# Settings: tf_efficientnet_lite0, 256 px, no crop, all 209 training images",
-        "# (calibration_split=0), PaDiM n_features=None (100 of 176), epsilon=0.01, SPADE k=50;",
+        "# (calibration_split=0), PaDiM n_features=None (100 of 176), epsilon=0.01, SPADE k=50",
+        f"# (unless --set below changes them); --set: {' '.join(args.set) or 'none'};",
         "# blur sigma 4. ratio = predict_tensor / backbone forward on the same batch of 8.",
         "# 'nan' kNN columns: PaDiM has no kNN.",
     ]

