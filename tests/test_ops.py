@@ -185,6 +185,16 @@ def test_patchcore_shard_rows_setting() -> None:
     assert PatchCore(coreset_shard_size=50_000).shard_rows(big, bank) == 50_000
     assert PatchCore(coreset_shard_size=50_000).shard_rows(40_000, 4_000) is None  # one shard
     assert PatchCore(coreset_shard_size=None).shard_rows(10_000, 9_000) is None
+    # the line printed before a fit says which selection it will use
+    lite0 = {"backbone": "tf_efficientnet_lite0"}
+    assert PatchCore(**lite0).describe_memory(209).endswith("; exact greedy coreset")
+    line = PatchCore(**lite0).describe_memory(761)
+    assert "coreset in 48 shards of <= 16,384 patches (approximate;" in line
+    assert (
+        PatchCore(**lite0, coreset_shard_size=0)
+        .describe_memory(761)
+        .endswith("exact greedy coreset")
+    )
     for ok in (None, 0, 1000):
         PatchCore(coreset_shard_size=ok)._validate()  # checked at fit, as in scikit-learn
     for bad in (1, 999, -5):
