@@ -198,14 +198,16 @@ def greedy_coreset(
 
 #: ``coreset_shard_size=None`` keeps the exact greedy while its worst-case work, n selected
 #: points x N points distance evaluations, is at most this (bottle at 256 px, 10 %: 4.6e9;
-#: without any pruning this much work takes about 7 minutes on the 2-core development machine,
-#: with pruning far less). Past it the cost grows as N^2: MTD's 779,264 patches at 10 % would
-#: take on the order of an hour, because there the pruning skips almost nothing.
+#: without any pruning this much work would take about 7 minutes on the 2-core development
+#: machine, estimated from the 9 GB/s read out of cache, with pruning far less). Past it the
+#: cost grows as N^2: MTD's 779,264 patches at 10 % would take on the order of an hour
+#: (extrapolated), because there the pruning skips almost nothing.
 EXACT_MAX_EVALUATIONS = 2**33
 
 #: Shard size chosen past :data:`EXACT_MAX_EVALUATIONS`: one shard's projection (16,384 x 128
-#: float32 = 8 MiB) stays in the CPU cache, where a greedy step ran 15x faster per point than
-#: over a 50,000-row shard (``benchmarks/results/coreset_shards.txt``). Cost is then linear in N.
+#: float32 = 8 MiB) stays in the CPU cache, where a greedy step read 52 GB/s against 9.4 GB/s
+#: for a 50,000-row shard; MTD's whole 10 % selection took 19 s instead of 204 s
+#: (``benchmarks/results/coreset_shards.txt``). Cost is then linear in N.
 AUTO_SHARD_ROWS = 2**14
 
 
