@@ -21,6 +21,13 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
+def write_results(name: str | None, text: str) -> None:
+    """Write ``text`` to ``benchmarks/results/<name>``; nothing when ``name`` is None."""
+    if name:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / name).write_text(text)
+
+
 def header() -> str:
     """First lines of every results file: the exact command, date and machine."""
     cmd = "PYTHONPATH=src python3 " + " ".join(sys.argv)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, ROOT, header
+from _common import ROOT, header, write_results
 
 MTD = Path(os.environ.get("PATCHAD_MTD", ROOT.parent / "shared/data/mtd"))
 SIZES = (8192, 16384, 32768, 50000, 100000)
@@ -113,9 +113,7 @@ def main() -> None:
         "# CPU cache is read several times faster per row, so smaller shards cost less in total",
         "# (total ~ N x ratio x step time).",
     ]
-    if args.out:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / args.out).write_text("\n".join(lines) + "\n")
+    write_results(args.out, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

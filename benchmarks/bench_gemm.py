@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, header
+from _common import header, write_results
 
 
 def gflops(m: int, k: int, n: int, repeats: int = 10) -> float:
@@ -58,9 +58,7 @@ def main() -> None:
         f"{seconds * 1000:.0f} ms | {flops / seconds / 1e9:.0f}"
     )
     print(lines[-1], flush=True)
-    if args.out:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / args.out).write_text("\n".join(lines) + "\n")
+    write_results(args.out, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, header, peak_rss_mb
+from _common import header, peak_rss_mb, write_results
 
 import patchad.detectors.patchcore as pc
 
@@ -59,9 +59,7 @@ def main() -> None:
         f"wall_s={time.perf_counter() - start:.0f} peak_rss_mb={peak_rss_mb():.0f}"
     )
     print(lines[-1], flush=True)
-    if args.out:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / args.out).write_text("\n".join(lines) + "\n")
+    write_results(args.out, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import sys
 import time
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-from _common import BOTTLE, RESULTS, header, peak_rss_mb
+from _common import BOTTLE, header, peak_rss_mb, write_results
 
 from patchad.detectors import PatchCore
 from patchad.images import list_images
@@ -44,9 +44,7 @@ def main() -> None:
         f"bank={det.memory_bank_.shape[0]} fit_wall_s={wall:.1f} peak_rss_mb={peak_rss_mb():.0f}"
     )
     print(lines[-1], flush=True)
-    if args.out:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / args.out).write_text("\n".join(lines) + "\n")
+    write_results(args.out, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, ROOT, header
+from _common import ROOT, header, write_results
 
 MTD = Path(os.environ.get("PATCHAD_MTD", ROOT.parent / "shared/data/mtd"))
 BATCHES = 6  # timed batches of 8 test images, spread over the test set
@@ -158,9 +158,7 @@ def main() -> None:
     lines += ["-" * 60, f"floor, sum of the above | {total:.1f} s (issue 4 target: 300 s)"]
     text = "\n".join(lines)
     print(text, flush=True)
-    if args.out:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / args.out).write_text(top + "\npiece | seconds\n" + text + "\n")
+    write_results(args.out, top + "\npiece | seconds\n" + text + "\n")
 
 
 if __name__ == "__main__":

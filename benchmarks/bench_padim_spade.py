@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, fit_and_score_bottle, forward_times, header, peak_rss_mb
+from _common import fit_and_score_bottle, forward_times, header, peak_rss_mb, write_results
 
 METHODS = ("padim", "spade")
 
@@ -119,9 +119,7 @@ def main() -> None:
         "# 'nan' kNN columns: PaDiM has no kNN.",
     ]
     text = "\n".join(lines) + "\n"
-    if args.out:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / args.out).write_text(text)
+    write_results(args.out, text)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, fit_and_score_bottle, forward_times, header, peak_rss_mb
+from _common import fit_and_score_bottle, forward_times, header, peak_rss_mb, write_results
 
 #: (label, PatchCore settings); each varies one thing from the 1% baseline. The baselines keep
 #: coreset_shard_size=None, which on bottle (214,016 patches) is the exact greedy coreset.
@@ -117,9 +117,7 @@ def main() -> None:
             f"{r['pixel_auroc']:.4f} | {r['fit_peak_rss_mb']:.0f}"
         )
         print(lines[-1], flush=True)
-    if args.out:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / args.out).write_text("\n".join(lines) + "\n")
+    write_results(args.out, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import BOTTLE, RESULTS, header, peak_rss_mb
+from _common import BOTTLE, header, peak_rss_mb, write_results
 
 
 def run_one(method: str, images: int, size: int, shard: int | None) -> dict:
@@ -87,9 +87,7 @@ def main() -> None:
                         f"{r['predict_ms']:.1f} | {r['fit_rss']:.0f}"
                     )
                 print(lines[-1], flush=True)
-    if args.out:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / args.out).write_text("\n".join(lines) + "\n")
+    write_results(args.out, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
