@@ -21,6 +21,35 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
+def run_isolated(argv: list[str]) -> dict:
+    """Run ``python3 argv...`` in a fresh process (so that its peak RSS is its own) and return
+    the JSON object its last line of output printed; a failure raises with its stderr."""
+    import json
+    import subprocess
+
+    out = subprocess.run([sys.executable, *argv], capture_output=True, text=True, check=False)
+    if out.returncode:
+        raise RuntimeError(f"{' '.join(argv)} failed:\n{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def timed(owner: object, name: str, total: list[float]) -> None:
+    """Replace ``owner.name`` (a function or method) by a wrapper that adds its wall seconds
+    to ``total[0]``."""
+    import time
+
+    original = getattr(owner, name)
+
+    def run(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            total[0] += time.perf_counter() - start
+
+    setattr(owner, name, run)
+
+
 def write_results(name: str | None, text: str) -> None:
     """Write ``text`` to ``benchmarks/results/<name>``; nothing when ``name`` is None."""
     if name:

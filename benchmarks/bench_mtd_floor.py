@@ -32,23 +32,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import ROOT, header, write_results
+from _common import ROOT, header, timed, write_results
 
 MTD = Path(os.environ.get("PATCHAD_MTD", ROOT.parent / "shared/data/mtd"))
 BATCHES = 6  # timed batches of 8 test images, spread over the test set
-
-
-def timed(owner, name: str, total: list[float]):
-    """Wrap ``owner.name`` so that its wall time is added to ``total[0]``."""
-    original = getattr(owner, name)
-
-    def run(*a, **k):
-        start = time.perf_counter()
-        out = original(*a, **k)
-        total[0] += time.perf_counter() - start
-        return out
-
-    setattr(owner, name, run)
 
 
 def main() -> None:

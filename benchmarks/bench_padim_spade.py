@@ -16,12 +16,18 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import fit_and_score_bottle, forward_times, header, peak_rss_mb, write_results
+from _common import (
+    fit_and_score_bottle,
+    forward_times,
+    header,
+    peak_rss_mb,
+    run_isolated,
+    write_results,
+)
 
 METHODS = ("padim", "spade")
 
@@ -93,13 +99,7 @@ def main() -> None:
     lines += [cols, "-" * len(cols)]
     print("\n".join(lines), flush=True)
     for method in args.methods.split(","):
-        out = subprocess.run(
-            [sys.executable, __file__, "--one", method, *(f"--set={kv}" for kv in args.set)],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        r = json.loads(out.stdout.strip().splitlines()[-1])
+        r = run_isolated([__file__, "--one", method, *(f"--set={kv}" for kv in args.set)])
         ratio = r["predict_tensor_ms_img"] / r["backbone_ms_img"]
         lines.append(
             f"{method} | {r['fit_s']:.1f} | {r['predict_ms_img']:.1f} | "

@@ -14,13 +14,19 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import fit_and_score_bottle, forward_times, header, peak_rss_mb, write_results
+from _common import (
+    fit_and_score_bottle,
+    forward_times,
+    header,
+    peak_rss_mb,
+    run_isolated,
+    timed,
+    write_results,
+)
 
 #: (label, PatchCore settings); each varies one thing from the 1% baseline. The baselines keep
 #: coreset_shard_size=None, which on bottle (214,016 patches) is the exact greedy coreset.
@@ -52,18 +58,8 @@ def run_one(settings: dict) -> dict:
     from patchad.detectors import PatchCore
 
     coreset_time = [0.0]
-
-    def timed(original):
-        def run(*a, **k):
-            t = time.perf_counter()
-            out = original(*a, **k)
-            coreset_time[0] += time.perf_counter() - t
-            return out
-
-        return run
-
-    pc_module.greedy_coreset = timed(pc_module.greedy_coreset)
-    pc_module.sharded_greedy_coreset = timed(pc_module.sharded_greedy_coreset)
+    timed(pc_module, "greedy_coreset", coreset_time)
+    timed(pc_module, "sharded_greedy_coreset", coreset_time)
     det = PatchCore(
         backbone="tf_efficientnet_lite0", image_size=256, calibration_split=0.0, **settings
     )
@@ -102,13 +98,7 @@ def main() -> None:
     chosen = args.only if args.only is not None else range(len(CONFIGS))
     for i in chosen:
         label, settings = CONFIGS[i]
-        out = subprocess.run(
-            [sys.executable, __file__, "--one", json.dumps(settings)],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        r = json.loads(out.stdout.strip().splitlines()[-1])
+        r = run_isolated([__file__, "--one", json.dumps(settings)])
         ratio = r["predict_tensor_ms_img"] / r["backbone_ms_img"]
         lines.append(
             f"{label} | {r['bank']} | {r['search']} | {r['fit_s']:.1f} | {r['coreset_s']:.1f} | "

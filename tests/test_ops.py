@@ -162,7 +162,7 @@ def test_sharded_greedy_coreset_is_greedy_per_shard() -> None:
 
 
 def test_auto_shard_rows_bounds_the_exact_greedy_work() -> None:
-    from patchad.ops.coreset import AUTO_SHARD_ROWS, EXACT_MAX_EVALUATIONS, auto_shard_rows
+    from patchad.ops.coreset import AUTO_SHARD_ROWS, auto_shard_rows
 
     bottle = 209 * 32 * 32  # lite0 at 256 px: 214,016 patches
     assert auto_shard_rows(bottle, round(0.1 * bottle)) is None  # 4.6e9 evaluations: exact
@@ -172,7 +172,6 @@ def test_auto_shard_rows_bounds_the_exact_greedy_work() -> None:
     assert auto_shard_rows(mtd, round(0.01 * mtd)) is None  # 6.1e9
     assert auto_shard_rows(2**20, 2**13) is None  # exactly at the bound
     assert auto_shard_rows(2**20, 2**13 + 1) == AUTO_SHARD_ROWS
-    assert EXACT_MAX_EVALUATIONS == 2**33
 
 
 def test_patchcore_shard_rows_setting() -> None:

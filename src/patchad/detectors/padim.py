@@ -143,15 +143,10 @@ class PaDiM(Detector):
 
     def _layer_channels(self) -> list[Tensor]:
         """``channel_index_`` split by layer, as indices into each layer's own channels."""
-        cached = getattr(self, "_split", None)
-        if cached is not None and cached[0] is self.channel_index_:
-            return cached[1]
-        parts, offset = [], 0
+        idx, parts, offset = self.channel_index_, [], 0
         for channels in self.extractor_.channels:
-            idx = self.channel_index_
             parts.append(idx[(idx >= offset) & (idx < offset + channels)] - offset)
             offset += channels
-        self._split = (self.channel_index_, parts)
         return parts
 
     def embed(self, features: list[Tensor]) -> Tensor:

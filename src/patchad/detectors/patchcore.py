@@ -219,7 +219,8 @@ class PatchCore(Detector):
             ``patches``, ``dim``, ``features`` (full-dimensional store in RAM; 0 on disk),
             ``disk`` (bytes of the temporary file), ``projection`` (projected features plus the
             matrix), ``coreset`` (the coreset's working copy and state), ``bank`` (the memory
-            bank) and ``peak`` (the largest sum held at once).
+            bank) and ``peak`` (the largest sum held at once); also ``bank_rows`` and
+            ``shard_rows`` (rows per coreset shard, 0 for the exact greedy or no coreset).
         """
         per_image, dim = self._geometry()
         n = num_images * per_image
@@ -229,13 +230,13 @@ class PatchCore(Detector):
         full = n * dim * item
         on_disk = projected and self._on_disk(full)
         features = 0 if on_disk else full
+        rows = self.shard_rows(n, n_bank) if n_bank < n else None
         if n_bank >= n:
             proj = coreset = 0
         else:
             pdim = self.projection_dim if projected else dim
             proj = n * pdim * 4 + dim * pdim * 4 if projected else (0 if item == 4 else n * dim * 4)
             state = 4 + 4 + 8 + 8  # per point: dist, norms, order, padded index
-            rows = self.shard_rows(n, n_bank)
             if rows is None:
                 coreset = n * pdim * 4 + n * state  # reordered copy + state
             else:  # one shard at a time: its copy, reordered copy, state; the permutation
@@ -251,18 +252,18 @@ class PatchCore(Detector):
             "coreset": coreset,
             "bank": bank,
             "peak": peak,
+            "bank_rows": n_bank,
+            "shard_rows": rows or 0,
         }
 
     def describe_memory(self, num_images: int) -> str:
         """One line: the :meth:`memory_estimate` in MiB, and how the coreset will be selected."""
         e = self.memory_estimate(num_images)
         mib = {k: e[k] / MB for k in ("features", "disk", "projection", "coreset", "bank", "peak")}
-        n = e["patches"]
-        n_bank = max(1, round(self.coreset_ratio * n))
-        rows = self.shard_rows(n, n_bank) if n_bank < n else None
-        if n_bank >= n:
+        n, rows = e["patches"], e["shard_rows"]
+        if e["bank_rows"] >= n:
             how = "no coreset (every patch is kept)"
-        elif rows is None:
+        elif not rows:
             how = "exact greedy coreset"
         else:
             how = (
