@@ -16,7 +16,7 @@ Modules, by concern:
 
 from patchad.report.data import COSTS, METRICS, load_results
 from patchad.report.gallery import GALLERY_PER_TYPE, SHIFT_PICTURES
-from patchad.report.html import CSS, render_report, write_report
+from patchad.report.page import CSS, render_report, write_report
 from patchad.report.sentences import SMALL_DEFECT
 
 __all__ = [
