@@ -11,7 +11,7 @@ Modules, by concern:
     sentences  the "pros and cons" text, computed from the numbers
     charts     matplotlib figures and heat-map pictures as PNG data URIs
     gallery    the picture tables: gallery and alignment experiment
-    html       the page template and style, the other sections, ``render_report``, ``write_report``
+    page       the page template and style, the other sections, ``render_report``, ``write_report``
 """
 
 from patchad.report.data import COSTS, METRICS, load_results
