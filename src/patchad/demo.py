@@ -61,6 +61,9 @@ DEMO_CATEGORIES: dict[str, str] = {
     ),
 }
 
+#: Demo categories that repeat another with one thing changed: category -> its control.
+DEMO_CONTROLS: dict[str, str] = {"conveyor": "part"}
+
 
 def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
     """Wood-like stripes with grain noise, float RGB in [0, 1], shape (size, size, 3)."""
