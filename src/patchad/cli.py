@@ -337,11 +337,18 @@ DEMO_SHIFT = 4
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from patchad.demo import make_demo_dataset
+    from patchad.demo import DEMO_CATEGORIES, describe, make_demo_dataset
 
     out = ensure_out_dir(Path(args.out), args.force)
-    data = make_demo_dataset(out / "data", n_train=30, n_test_good=10, n_test_defect=5, size=128)
-    _say(args, f"demo data written to {data}")
+    data = make_demo_dataset(
+        out / "data",
+        categories=tuple(DEMO_CATEGORIES),
+        n_train=20,
+        n_test_good=10,
+        n_test_defect=5,
+        size=128,
+    )
+    _say(args, f"demo data written to {data} (what each category shows: {data}/README.txt)")
     bench = argparse.Namespace(
         methods=None,
         categories=None,
@@ -356,6 +363,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         argv=args.argv,
     )
     _run_benchmark(bench, data, out, DEMO_SETTINGS)
+    results = out / "results.md"
+    notes = describe(tuple(DEMO_CATEGORIES), markdown=True)
+    write_text_atomic(results, results.read_text() + "\n" + notes)
     return EXIT_OK
 
 
