@@ -316,3 +316,15 @@ def test_report_in_headless_chromium(rendered, tmp_path):
     assert shot.is_file(), proc.stderr[-2000:]
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
     assert pixels.std() > 5.0
+
+
+def test_winner_sentence_names_the_last_of_three_methods():
+    from patchad.report.sentences import _winner_sentences
+
+    original = {
+        ("patchcore", "conveyor"): {"pixel_auroc": 0.977},
+        ("padim", "conveyor"): {"pixel_auroc": 0.957},
+        ("spade", "conveyor"): {"pixel_auroc": 0.996},
+    }
+    text = " ".join(_winner_sentences(["patchcore", "padim", "spade"], ["conveyor"], original))
+    assert "conveyor (0.996 vs 0.977 for patchcore, +0.019; last padim 0.957, -0.039)" in text

@@ -58,8 +58,12 @@ def _winner_sentences(
             if v1 == v2:
                 wins.setdefault("tie", []).append(f"{category} ({best} = {second} = {v1:.3f})")
             else:
+                last = ""
+                if len(scored) > 2:
+                    worst, v3 = scored[-1]
+                    last = f"; last {worst} {v3:.3f}, -{v1 - v3:.3f}"
                 wins.setdefault(best, []).append(
-                    f"{category} ({v1:.3f} vs {v2:.3f} for {second}, +{v1 - v2:.3f})"
+                    f"{category} ({v1:.3f} vs {v2:.3f} for {second}, +{v1 - v2:.3f}{last})"
                 )
         parts = []
         for method, where in sorted(wins.items(), key=lambda kv: -len(kv[1])):
