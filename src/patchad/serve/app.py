@@ -98,6 +98,9 @@ def _metrics(registry: CollectorRegistry) -> dict[str, Any]:
             "patchad_rejected", "requests refused with 503 (queue full)", registry=registry
         ),
         "depth": Gauge("patchad_queue_depth", "images waiting to be scored", registry=registry),
+        "in_flight": Gauge(
+            "patchad_predict_in_flight", "POST /predict requests being answered", registry=registry
+        ),
     }
 
 
@@ -134,7 +137,7 @@ def _save_uploads(folder: Path, uploads: Sequence[tuple[str, bytes]]) -> list[st
         suffix = Path(name).suffix.lower()
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
         generated = f"{stamp}-{uuid.uuid4().hex[:12]}{suffix if suffix in IMAGE_SUFFIXES else ''}"
-        atomic_write_bytes(folder / generated, data)
+        atomic_write_bytes(folder / generated, data, force=False)
         names.append(generated)
     return names
 
@@ -320,6 +323,10 @@ def create_app(
         """One or several images as multipart files (any field name). Each gets the fields of
         a ``results.jsonl`` line: ``name``, ``score``, ``normalized``, ``anomalous``,
         ``decision``, ``defect_area_px``, ``defect_area_fraction``, ``boxes``."""
+        with metric["in_flight"].track_inprogress():
+            return await _predict(request, overlay == "png", map_ == "npy")
+
+    async def _predict(request: Request, with_overlay: bool, with_map: bool) -> dict[str, Any]:
         start = time.perf_counter()
         work = batcher()
         if work.full():
@@ -361,8 +368,8 @@ def create_app(
             [name for name, _ in uploads],
             images,
             parts,
-            with_overlay=overlay == "png",
-            with_map=map_ == "npy",
+            with_overlay=with_overlay,
+            with_map=with_map,
         )
         metric["images"].inc(len(results))
         for result in results:
