@@ -143,6 +143,36 @@ def test_predict_answers_what_patchad_predict_writes(
     assert {r["decision"] for r in results} <= {"normal", "anomalous"}
 
 
+def test_patchcore_search_does_not_depend_on_the_batch(
+    served: tuple[Any, Path], test_images: list[Path]
+) -> None:
+    """The server batches whatever arrives together, so an image's score should not depend on
+    the other images of its batch. PatchCore searches each image's patches on their own, so
+    from the same features the scores are equal to the bit, alone or in a batch. (The
+    backbone's convolutions may still round differently by batch size: ~1e-6 relative.)"""
+    import torch
+
+    from patchad.loading import iter_batches
+
+    det, _ = served
+    x = next(iter(iter_batches(test_images[:4], det.preprocess_, 4))).images
+    with torch.inference_mode():
+        features = det.features(x)
+        det._score([f[:1] for f in features])  # builds the search index
+        rows: list[int] = []
+        search = det._index.search
+        det._index.search = lambda q, k: rows.append(len(q)) or search(q, k)
+        try:
+            patch, image = det._score(features)
+        finally:
+            del det._index.search
+        assert rows == [patch.shape[1] * patch.shape[2]] * 4  # one search per image
+        for i in range(4):
+            one_patch, one_image = det._score([f[i : i + 1] for f in features])
+            assert torch.equal(one_patch[0], patch[i])
+            assert torch.equal(one_image[0], image[i])
+
+
 def test_predict_without_options_has_no_images(client: TestClient, test_images: list[Path]) -> None:
     result = client.post("/predict", files=_files(test_images[:1])).json()["results"][0]
     assert "overlay_png" not in result

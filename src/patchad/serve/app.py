@@ -220,16 +220,16 @@ def create_app(
     def ready(loaded: Any) -> None:
         facts = model_facts(loaded, file=model_file)
         size = batch_size or int(facts.get("batch_size") or 1)
-        state.batcher = Batcher(
+        state.sha256 = None if model_file is None else file_sha256(model_file)
+        state.facts = {**facts, "sha256": state.sha256, "served_batch_size": size}
+        state.model = loaded
+        state.batcher = Batcher(  # set last: a batcher means ready
             loaded.predict,
             batch_size=size,
             max_wait_s=max_wait_ms / 1000,
             max_queue=max(max_queue, size),
             on_batch=lambda n, _: metric["batch"].observe(n),
         )
-        state.sha256 = None if model_file is None else file_sha256(model_file)
-        state.facts = {**facts, "sha256": state.sha256, "served_batch_size": size}
-        state.model = loaded
 
     def load(loader: Callable[[], Any]) -> None:
         try:
