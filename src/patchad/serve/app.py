@@ -120,6 +120,42 @@ def _key_ok(request: Request, key: str) -> bool:
     return given is not None and secrets.compare_digest(given.encode(), key.encode())
 
 
+class _Guard:
+    """Pure ASGI middleware: refuses requests without the API key (401), and counts every
+    answer by route and status."""
+
+    def __init__(self, app: Any, api_key: str | None, counter: Counter) -> None:
+        self.app = app
+        self.api_key = api_key
+        self.counter = counter
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.api_key is not None and not _key_ok(Request(scope), self.api_key):
+            refused = JSONResponse(
+                {"detail": "missing or wrong API key"},
+                status_code=401,
+                headers={"WWW-Authenticate": 'Basic realm="patchad"'},
+            )
+            await refused(scope, receive, send)
+            self.counter.labels(path="other", status="401").inc()
+            return
+        status = [500]
+
+        async def sending(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            path = getattr(scope.get("route"), "path", "other")
+            self.counter.labels(path=path, status=str(status[0])).inc()
+
+
 async def _limited(stream: AsyncIterator[bytes], limit: int) -> AsyncGenerator[bytes, None]:
     """The request body, refused with 413 past ``limit`` bytes."""
     total = 0
@@ -260,20 +296,7 @@ def create_app(
     )
     app.state.patchad = state
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Callable[[Request], Any]) -> Response:
-        if api_key is not None and not _key_ok(request, api_key):
-            response: Response = JSONResponse(
-                {"detail": "missing or wrong API key"},
-                status_code=401,
-                headers={"WWW-Authenticate": 'Basic realm="patchad"'},
-            )
-        else:
-            response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "other")
-        metric["requests"].labels(path=path, status=str(response.status_code)).inc()
-        return response
+    app.add_middleware(_Guard, api_key=api_key, counter=metric["requests"])
 
     @app.exception_handler(Exception)
     async def internal(_: Request, exc: Exception) -> JSONResponse:
