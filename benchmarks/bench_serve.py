@@ -227,6 +227,12 @@ def _sigterm(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="results file name under benchmarks/results")
+    parser.add_argument(
+        "--size",
+        type=int,
+        default=256,
+        help="image and model input size (default 256, the library's default input size)",
+    )
     args = parser.parse_args()
     text = header()
 
@@ -242,14 +248,14 @@ def main() -> None:
         n_train=40,
         n_test_good=110,
         n_test_defect=30,
-        size=128,
+        size=args.size,
     )
     test = sorted((root / "object" / "test").glob("*/*.png"))[:200]
     rng = np.random.default_rng(0)
     jobs = [test[i] for i in rng.permutation(np.tile(np.arange(len(test)), 2))][:N_IMAGES]
     det = PatchCore(
         backbone="tf_efficientnet_lite0",
-        image_size=128,
+        image_size=args.size,
         coreset_ratio=0.1,
         batch_size=8,
         calibration_split=0.25,
@@ -292,7 +298,7 @@ def main() -> None:
     )
     defective = sum(p.parent.name != "good" for p in jobs)
     text += (
-        f"# model: PatchCore, tf_efficientnet_lite0, 128 px, coreset 0.1, batch_size 8, "
+        f"# model: PatchCore, tf_efficientnet_lite0, {args.size} px, coreset 0.1, batch_size 8, "
         f"{det.n_train_} training images; server: patchad serve defaults (max-wait 5 ms, "
         f"max-queue 64)\n# images: {len(jobs)} demo test images ({len(jobs) - defective} good, "
         f"{defective} defective, each file twice, shuffled), one image per request\n\n"
