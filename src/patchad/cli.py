@@ -1,4 +1,4 @@
-"""The ``patchad`` command line: ``fit``, ``predict``, ``calibrate`` and ``demo``.
+"""The ``patchad`` command line: ``fit``, ``predict``, ``calibrate``, ``demo`` and ``serve``.
 
 Exit codes: 0 success; 1 anomalies found (``predict --fail-on-anomaly``); 2 usage or input
 error (one line on stderr, no traceback); 3 internal error (a crash report is written to a file
@@ -378,6 +378,70 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    api_key = args.api_key or os.environ.get("PATCHAD_API_KEY") or None
+    if not _is_loopback(args.host) and api_key is None and not args.insecure:
+        raise PatchadError(
+            f"serve: --host {args.host} is not a loopback address; give --api-key KEY (or "
+            "PATCHAD_API_KEY) that every request must carry, or --insecure to serve without one"
+        )
+    if args.max_upload_mb <= 0:
+        raise PatchadError(f"--max-upload-mb must be > 0, got {args.max_upload_mb}")
+    if args.max_wait_ms < 0:
+        raise PatchadError(f"--max-wait-ms must be >= 0, got {args.max_wait_ms}")
+    if args.max_queue < 1:
+        raise PatchadError(f"--max-queue must be >= 1, got {args.max_queue}")
+    if args.save_dir is not None:
+        Path(args.save_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        import uvicorn
+
+        from patchad.serve.app import create_app
+        from patchad.serve.model import check_model_path, load_model
+    except ImportError as exc:
+        raise PatchadError(
+            f"serve: {exc.name or exc} is not installed; pip install 'patchad[serve]'"
+        ) from None
+
+    model_path = check_model_path(args.model)
+
+    def load() -> Any:
+        try:
+            return load_model(model_path, weights=args.weights)
+        except BaseException:
+            server.should_exit = True  # the error is reported once the server has stopped
+            raise
+
+    app = create_app(
+        load,
+        model_file=str(model_path),
+        api_key=api_key,
+        max_upload_mb=args.max_upload_mb,
+        save_dir=args.save_dir,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+    )
+    level = "warning" if args.quiet else "info"
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=level))
+    _say(args, f"serving {model_path} on http://{args.host}:{args.port}/ (API docs at /docs)")
+    server.run()
+    error = app.state.patchad.error
+    if error is not None:
+        raise PatchadError(error)
+    return EXIT_OK
+
+
 def _say(args: argparse.Namespace, message: str) -> None:
     if not args.quiet:
         print(message, file=sys.stderr)
@@ -533,6 +597,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--force", action="store_true", help="overwrite an existing --out FILE")
     report.set_defaults(func=cmd_report)
+
+    serve = sub.add_parser("serve", help="an HTTP inspection service with a web page")
+    serve.add_argument("--model", required=True, help="model file (.safetensors or .onnx)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help="key every request must carry (default: $PATCHAD_API_KEY); needed off loopback",
+    )
+    serve.add_argument(
+        "--insecure", action="store_true", help="allow a non-loopback --host without a key"
+    )
+    serve.add_argument(
+        "--max-upload-mb", type=float, default=50.0, help="largest request body (default 50)"
+    )
+    serve.add_argument(
+        "--save-dir", metavar="DIR", help="keep every upload in DIR, under generated names"
+    )
+    serve.add_argument(
+        "--max-queue", type=int, default=64, help="images waiting before 503 (default 64)"
+    )
+    serve.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=5.0,
+        help="how long an image waits for others to fill a batch (default 5)",
+    )
+    serve.add_argument("--weights", help="backbone weights file, if not where it was at fit")
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from collections.abc import Iterator, Sequence
@@ -81,15 +82,31 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def read_image(path: str | os.PathLike[str]) -> Image.Image:
+class _NamedBytes(io.BytesIO):
+    """In-memory file bytes that PIL's messages name like the file (``'name'``)."""
+
+    def __init__(self, data: bytes, name: str) -> None:
+        super().__init__(data)
+        self.name = name
+
+    def __repr__(self) -> str:
+        return repr(self.name)
+
+
+def read_image(path: str | os.PathLike[str], *, data: bytes | None = None) -> Image.Image:
     """Read an image file as 8-bit RGB, respecting the EXIF orientation.
+
+    Args:
+        path: the image file; with ``data``, only the name used in error messages.
+        data: the file's bytes, already in memory (an upload): nothing is read from disk, and
+            an error message is the one the same bytes would get as the file ``path``.
 
     Raises:
         PatchadError: the file is missing, empty, not an image, truncated or too large.
     """
     p = Path(path)
     try:
-        with Image.open(p) as handle:
+        with Image.open(p if data is None else _NamedBytes(data, str(p))) as handle:
             _check_size(p, handle)
             handle.load()
             image = ImageOps.exif_transpose(handle) or handle
@@ -106,7 +123,8 @@ def read_image(path: str | os.PathLike[str]) -> Image.Image:
     except (MemoryError, Image.DecompressionBombWarning):
         raise PatchadError(f"{p}: image too large to decode in memory") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        if p.exists() and p.stat().st_size == 0:
+        size = len(data) if data is not None else (p.stat().st_size if p.exists() else -1)
+        if size == 0:
             raise PatchadError(f"{p}: empty file (0 bytes)") from None
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise PatchadError(f"{p}: not a readable image ({reason})") from None

@@ -220,7 +220,7 @@ class Detector:
             self.
         """
         self._validate()
-        for name in (*self.calibration_tensors, "image_threshold_", "pixel_threshold_"):
+        for name in (*self.calibration_tensors, "image_threshold_", "pixel_threshold_", "n_train_"):
             self.__dict__.pop(name, None)
         if calibration is not None:
             train, calib = as_items(images), as_items(calibration)
@@ -229,7 +229,15 @@ class Detector:
         self._check_resources(len(train))
         self._build()
         batches = self._feature_batches(train, progress, f"{self.method} fit", skip_bad)
-        self._fit(batches, len(train), progress)
+        seen = [0]  # images that reached the model (unreadable ones may be skipped)
+
+        def counted() -> Iterator[list[Tensor]]:
+            for features in batches:
+                seen[0] += features[0].shape[0]
+                yield features
+
+        self._fit(counted(), len(train), progress)
+        self.n_train_ = seen[0]
         self.fingerprint_ = self.extractor_.fingerprint
         if calib:
             self.calibrate(calib, progress=progress)
@@ -399,6 +407,8 @@ class Detector:
         self._check_fitted("save")
         tensors = {name: getattr(self, name) for name in self.learned_tensors}
         state = self._state()
+        if hasattr(self, "n_train_"):
+            state = {**state, "n_train": self.n_train_}
         if self.is_calibrated:
             tensors.update({name: getattr(self, name) for name in self.calibration_tensors})
             state = {
@@ -461,6 +471,9 @@ def load(path: str | os.PathLike[str], *, weights: str | None = None) -> Detecto
         setattr(detector, name, tensors[name])
     state = dict(meta["state"])
     calibration = state.pop("calibration", None)
+    n_train = state.pop("n_train", None)
+    if n_train is not None:  # absent from files written before it was recorded
+        detector.n_train_ = int(n_train)
     detector._set_state(state)
     detector.fingerprint_ = meta["fingerprint"]
     if calibration is not None:

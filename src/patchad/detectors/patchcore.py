@@ -363,7 +363,10 @@ class PatchCore(Detector):
         if cached is None or cached.bank is not bank:
             self._index = SearchIndex(bank, backend=self.search, seed=self.seed)
         k = min(self.num_neighbors, bank.shape[0])
-        dist, index = self._index.search(queries, k)
+        # one search per image: BLAS rounding depends on the number of query rows, so an image's
+        # score would otherwise depend on the other images of its batch (up to ~1e-4 here)
+        found = [self._index.search(q, k) for q in queries.split(h * w)]
+        dist, index = torch.cat([f[0] for f in found]), torch.cat([f[1] for f in found])
         patch = dist.mean(1).reshape(b, h * w)  # s(m_test) = ||m_test - m*||, Eq. 6
         if self.reweight:
             image = reweighted_image_score(
