@@ -8,6 +8,7 @@ and its path printed, unless ``--debug`` shows the traceback).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -437,20 +438,28 @@ def _run_benchmark(
     settings = _benchmark_settings(methods, args, base)
     for m in methods:
         DETECTORS[m](**settings[m])._validate()
-    run_benchmark(
-        data,
-        out,
-        methods=methods,
-        settings=settings,
-        categories=categories or None,
-        save_maps=args.save_maps,
-        resume=args.resume,
-        shift_test=args.shift_test,
-        allow_missing_masks=args.allow_missing_masks,
-        command="patchad " + " ".join(sys.argv[1:] if args.argv is None else args.argv),
-        progress=not args.quiet,
-        say=lambda message: _say(args, message),
-    )
+    runner, session = None, contextlib.nullcontext()
+    if getattr(args, "ray", None) is not None:
+        from patchad import cluster
+
+        runner = cluster.ray_runner(cpus_per_task=args.cpus_per_task)
+        session = cluster.session(args.ray)
+    with session:
+        run_benchmark(
+            data,
+            out,
+            methods=methods,
+            settings=settings,
+            categories=categories or None,
+            save_maps=args.save_maps,
+            resume=args.resume,
+            shift_test=args.shift_test,
+            allow_missing_masks=args.allow_missing_masks,
+            command="patchad " + " ".join(sys.argv[1:] if args.argv is None else args.argv),
+            progress=not args.quiet,
+            say=lambda message: _say(args, message),
+            runner=runner,
+        )
     _say(args, f"results written to {out}/results.json, results.csv, results.md")
     _maybe_report(args, out)
 
@@ -459,6 +468,10 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.shift_test is not None and args.shift_test < 1:
         raise PatchadError(f"--shift-test {args.shift_test}: must be a positive integer")
+    if args.ray is not None and args.save_maps is not None:
+        raise PatchadError("--save-maps: not supported with --ray (workers write no files)")
+    if not args.cpus_per_task > 0:
+        raise PatchadError(f"--cpus-per-task {args.cpus_per_task}: must be positive")
     ensure_out_dir(out, args.force or args.resume)
     if args.save_maps is not None:
         ensure_out_dir(Path(args.save_maps), args.force or args.resume)
@@ -510,6 +523,17 @@ def cmd_report(args: argparse.Namespace) -> int:
 def _say(args: argparse.Namespace, message: str) -> None:
     if not args.quiet:
         print(message, file=sys.stderr)
+
+
+def _ray_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="run on Ray (pip install 'patchad[ray]'): no value starts a local cluster, 'auto' "
+        "joins the one started with `ray start`, or HOST:PORT; data must be on shared storage",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -628,6 +652,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--allow-missing-masks", action="store_true", help="see `patchad evaluate`")
     bench.add_argument("--out", required=True, help="output folder")
+    _ray_arguments(bench)
+    bench.add_argument(
+        "--cpus-per-task",
+        type=float,
+        default=1.0,
+        metavar="N",
+        help="with --ray: CPUs reserved by each (category, method) task (default 1)",
+    )
     bench.set_defaults(func=cmd_benchmark)
 
     calibrate = sub.add_parser(
