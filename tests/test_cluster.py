@@ -161,3 +161,33 @@ def test_benchmark_survives_killed_worker(
         ("patchcore", c, "original") for c in ("mean", "object", "texture")
     )
     assert not any("error" in r for r in rows)
+
+
+def test_fit_bank_equals_local_sharded_fit(
+    cluster: Cluster, demo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    from patchad import PatchCore, load
+    from patchad.data import training_images
+    from patchad.sharded import fit_sharded
+
+    model = tmp_path / "m.safetensors"
+    settings = ["--set", "image_size=64", "--set", "coreset_shard_size=1000"]
+    settings += ["--calibration-dir", str(demo_root / "texture" / "test" / "good")]
+    args = ["fit", "--data", str(demo_root / "texture"), "--backbone", "tf_efficientnet_lite0"]
+    assert main([*args, *settings, "--out", str(model), "--ray", cluster.address]) == 0
+    assert "16 images -> 2 shards of <= 15 images" in capsys.readouterr().err
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        det = PatchCore(backbone="tf_efficientnet_lite0", image_size=64, coreset_shard_size=1000)
+        calibration = training_images(demo_root / "texture" / "test" / "good")
+        want = fit_sharded(det, training_images(demo_root / "texture"), calibration=calibration)
+    finally:
+        torch.set_num_threads(threads)
+    got = load(model)
+    assert torch.equal(got.memory_bank_, want.memory_bank_)
+    assert got.is_calibrated
+    # calibration ran in the driver with its own thread count: equal up to rounding
+    assert got.image_threshold_ == pytest.approx(want.image_threshold_, rel=1e-5)

@@ -109,10 +109,15 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.calibration_dir is not None:
         calibration = _good_images(args.calibration_dir)
     _say(args, f"fitting {args.method} on {len(images)} images from {args.data}")
-    if hasattr(detector, "describe_memory"):
+    if hasattr(detector, "describe_memory") and args.ray is None:
         _say(args, detector.describe_memory(len(images)))
     start = time.perf_counter()
-    detector.fit(images, calibration=calibration, progress=not args.quiet, skip_bad=args.skip_bad)
+    if args.ray is not None:
+        _fit_on_ray(args, detector, images, calibration)
+    else:
+        detector.fit(
+            images, calibration=calibration, progress=not args.quiet, skip_bad=args.skip_bad
+        )
     if detector.is_calibrated:
         _say(
             args,
@@ -123,6 +128,24 @@ def cmd_fit(args: argparse.Namespace) -> int:
     detector.save(out, force=args.force)
     _summary(args, f"saved {out} ({time.perf_counter() - start:.1f} s)")
     return EXIT_OK
+
+
+def _fit_on_ray(args: argparse.Namespace, detector: Any, images: Any, calibration: Any) -> None:
+    from patchad import cluster
+    from patchad.sharded import fit_sharded
+
+    if args.method != "patchcore" or args.skip_bad:
+        raise PatchadError("--ray: fit supports --method patchcore only, without --skip-bad")
+    with cluster.session(args.ray):
+        fit_sharded(
+            detector,
+            images,
+            calibration=calibration,
+            runner=cluster.ray_shard_runner(cpus_per_task=args.cpus_per_task),
+            workers=cluster.workers(args.cpus_per_task),
+            progress=not args.quiet,
+            say=lambda message: _say(args, message),
+        )
 
 
 def _summary(args: argparse.Namespace, message: str) -> None:
@@ -536,6 +559,16 @@ def _ray_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _cpus_argument(parser: argparse.ArgumentParser, task: str) -> None:
+    parser.add_argument(
+        "--cpus-per-task",
+        type=float,
+        default=1.0,
+        metavar="N",
+        help=f"with --ray: CPUs reserved by each {task} task (default 1)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from patchad import __version__
     from patchad.detectors import DETECTORS
@@ -592,6 +625,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument(
         "--skip-bad", action="store_true", help="skip unreadable images with a warning each"
     )
+    _ray_arguments(fit)
+    _cpus_argument(fit, "coreset shard")
     fit.set_defaults(func=cmd_fit)
 
     predict = sub.add_parser("predict", help="score images; write scores, maps and overlays")
@@ -653,13 +688,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--allow-missing-masks", action="store_true", help="see `patchad evaluate`")
     bench.add_argument("--out", required=True, help="output folder")
     _ray_arguments(bench)
-    bench.add_argument(
-        "--cpus-per-task",
-        type=float,
-        default=1.0,
-        metavar="N",
-        help="with --ray: CPUs reserved by each (category, method) task (default 1)",
-    )
+    _cpus_argument(bench, "(category, method)")
     bench.set_defaults(func=cmd_benchmark)
 
     calibrate = sub.add_parser(

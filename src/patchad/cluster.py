@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from patchad.errors import PatchadError
 
 if TYPE_CHECKING:
     from patchad.benchmark import Cell, CellResult, CellRunner
+    from patchad.sharded import ShardRunner
 
 #: Times Ray reruns a task whose worker process or node died (``max_retries``).
 MAX_RETRIES = 3
@@ -155,3 +157,35 @@ def _collect(
             except ray.exceptions.RayError as exc:
                 result = _failure(exc, retries)
             yield refs[ref], result
+
+
+def workers(cpus_per_task: float) -> float:
+    """Tasks of ``cpus_per_task`` CPUs the connected cluster runs at once."""
+    return float(_ray().cluster_resources().get("CPU", 0) // cpus_per_task)
+
+
+def ray_shard_runner(*, cpus_per_task: float = 1.0, max_retries: int = MAX_RETRIES) -> ShardRunner:
+    """A :data:`patchad.sharded.ShardRunner` running each shard of a sharded PatchCore fit as
+    one Ray task of :func:`patchad.sharded.select_shard` (a lost task is rerun up to
+    ``max_retries`` times); the selected rows come back to the driver in shard order.
+
+    Raises:
+        PatchadError: a shard failed (bad data, or lost after its retries).
+    """
+    ray = _ray()
+    from patchad.sharded import select_shard
+
+    task = ray.remote(select_shard).options(
+        num_cpus=cpus_per_task, max_retries=max_retries, retry_exceptions=False
+    )
+
+    def run(jobs: list[tuple[dict[str, Any], list[Path], int]]) -> list[Any]:
+        refs = [task.remote(*job) for job in jobs]
+        try:
+            return ray.get(refs)
+        except ray.exceptions.RayError as exc:
+            for ref in refs:
+                ray.cancel(ref, force=True)
+            raise PatchadError(f"fit --ray: a shard failed: {_failure(exc, max_retries)}") from None
+
+    return run

@@ -1,0 +1,60 @@
+"""Sharded PatchCore fit by image ranges (:mod:`patchad.sharded`), without Ray."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from patchad import PatchCore
+from patchad.data import training_images
+from patchad.ops.coreset import shard_quota
+from patchad.sharded import fit_sharded, plan_shards, select_shard
+
+LITE0 = "tf_efficientnet_lite0"
+
+
+def _detector(**extra) -> PatchCore:
+    return PatchCore(**{"backbone": LITE0, "image_size": 64, "coreset_ratio": 0.25, **extra})
+
+
+def test_shard_quota_is_proportional_and_sums() -> None:
+    assert shard_quota([10, 10, 5], 5) == [2, 2, 1]
+    assert sum(shard_quota([7, 3, 3], 6)) == 6
+    assert shard_quota([100], 7) == [7]
+
+
+def test_one_shard_equals_exact_fit(demo_root: Path) -> None:
+    images = training_images(demo_root / "object")
+    want = _detector().fit(images)
+    plan = plan_shards(_detector(), len(images) - 2)
+    assert plan.shards == 1
+    got = fit_sharded(_detector(), images)
+    assert torch.equal(got.memory_bank_, want.memory_bank_)
+    assert got.image_threshold_ == want.image_threshold_
+    assert got.predict(images[:2]).scores.tolist() == want.predict(images[:2]).scores.tolist()
+
+
+def test_shards_select_their_quota_from_their_images(demo_root: Path) -> None:
+    images = training_images(demo_root / "texture")
+    det = _detector(coreset_shard_size=1000, calibration_split=0.0)
+    plan = plan_shards(det, len(images))
+    assert plan.bounds == (0, 15, 16)  # 64 patches per image, <= 1000 per shard
+    assert sum(plan.take) == round(0.25 * 16 * 64)
+    lines: list[str] = []
+    fitted = fit_sharded(det, images, say=lines.append)
+    assert "2 shards" in lines[0]
+    assert fitted.memory_bank_.shape == (256, fitted.memory_bank_.shape[1])
+    last = select_shard(det.get_params(), images[15:], plan.take[1])
+    assert torch.equal(fitted.memory_bank_[-plan.take[1] :], last)
+    # every selected row is a patch of its own shard's images
+    full = _detector(coreset_ratio=1.0, calibration_split=0.0).fit(images[15:]).memory_bank_
+    assert all((full == row).all(1).any() for row in last)
+
+
+def test_plan_refuses_no_images() -> None:
+    from patchad.errors import PatchadError
+
+    with pytest.raises(PatchadError):
+        plan_shards(_detector(), 0)
