@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import io
-import json
 import math
 import os
 import sys
@@ -24,11 +21,26 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from patchad.atomic import ensure_out_dir, save_npy_atomic, write_text_atomic
 from patchad.errors import PatchadError
+from patchad.outputs import output_names
+from patchad.prediction import result_record
+
+#: Re-exported for scripts that imported them from here before they moved to the library.
+__all__ = [
+    "ensure_out_dir",
+    "main",
+    "output_names",
+    "result_record",
+    "save_npy_atomic",
+    "write_text_atomic",
+]
 
 EXIT_OK, EXIT_ANOMALY, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+
+#: The methods, in ``patchad.detectors.DETECTORS`` order (named here so that building the
+#: argument parser imports neither torch nor timm; a test keeps the two equal).
+METHODS = ("patchcore", "padim", "spade")
 
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {"image_size": 256, "crop_size": None},
@@ -63,35 +75,6 @@ def _method_settings(method: str, args: argparse.Namespace) -> dict[str, Any]:
                 raise PatchadError(f"{option}: not a parameter of {method}")
             settings[flag] = getattr(args, flag)
     return settings
-
-
-def ensure_out_dir(path: Path, force: bool) -> Path:
-    """Create an output folder; refuse a non-empty existing one unless ``force``."""
-    if path.exists() and not path.is_dir():
-        raise PatchadError(f"{path}: exists and is not a folder")
-    if path.is_dir() and any(path.iterdir()) and not force:
-        raise PatchadError(f"{path}: folder exists and is not empty (use --force to write into it)")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise PatchadError(f"{path}: cannot create folder ({exc.strerror})") from None
-    return path
-
-
-def write_text_atomic(path: Path, text: str, *, force: bool = True) -> None:
-    """Write a text file atomically."""
-    from patchad.modelfile import atomic_write_bytes
-
-    atomic_write_bytes(path, text.encode(), force=force)
-
-
-def save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    """Write a ``.npy`` file atomically."""
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    from patchad.modelfile import atomic_write_bytes
-
-    atomic_write_bytes(path, buffer.getvalue(), force=True)
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
@@ -157,35 +140,12 @@ def _summary(args: argparse.Namespace, message: str) -> None:
         _say(args, message)
 
 
-def output_names(paths: Sequence[Path], sources: Sequence[str]) -> list[str]:
-    """Unique output names: the path relative to the folder it was found in, without suffix
-    (``broken_large/000``), or the file's stem; clashes get ``-1``, ``-2``... appended."""
-    names, used = [], set()
-    for path in paths:
-        name = path.stem
-        for source in sources:
-            src = Path(source)
-            if src.is_dir():
-                try:
-                    name = path.relative_to(src).with_suffix("").as_posix()
-                    break
-                except ValueError:
-                    continue
-        base, n = name, 0
-        while name in used:
-            n += 1
-            name = f"{base}-{n}"
-        used.add(name)
-        names.append(name)
-    return names
-
-
 def cmd_predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from patchad.detectors import load
-    from patchad.images import read_image, resolve_sources
-    from patchad.visualize import overlay
+    from patchad.images import resolve_sources
+    from patchad.outputs import write_predictions
 
     detector = load(args.model, weights=args.weights)
     if args.fail_on_anomaly and not detector.is_calibrated:
@@ -195,121 +155,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
         )
     paths = resolve_sources(args.paths)
     out = ensure_out_dir(Path(args.out), args.force)
-    names = output_names(paths, args.paths)
-    todo: dict[str, list[str]] = {}
-    for path, name in zip(paths, names, strict=True):
-        todo.setdefault(str(path), []).append(name)
-    rows: list[tuple[str, str, float]] = []  # (path, output name, score)
-    records: list[str] = []
-    low, high = np.inf, -np.inf
-    bar = tqdm(total=len(paths), desc="predict", unit="img", disable=args.quiet, leave=False)
-    try:
-        for part in detector.iter_predict(paths, skip_bad=args.skip_bad):
-            for i, (path_str, score, amap) in enumerate(
-                zip(part.names, part.scores, part.maps, strict=True)
-            ):
-                name = todo[path_str].pop(0)
-                target = out / "maps" / f"{name}.npy"
-                target.parent.mkdir(parents=True, exist_ok=True)
-                save_npy_atomic(target, amap.astype(np.float32))
-                rows.append((path_str, name, float(score)))
-                low, high = min(low, float(amap.min())), max(high, float(amap.max()))
-                mask = part.masks[i] if part.masks is not None else None
-                if mask is not None:
-                    _write_png(out / "masks" / f"{name}.png", mask.astype(np.uint8) * 255)
-                records.append(
-                    json.dumps(
-                        result_record(
-                            path_str,
-                            float(score),
-                            None if part.normalized is None else float(part.normalized[i]),
-                            None if part.decisions is None else bool(part.decisions[i]),
-                            mask,
-                        )
-                    )
-                )
-            bar.update(len(part.names))
-    except PatchadError as exc:
-        bar.close()
-        raise PatchadError(
-            f"{exc}; stopped: {len(rows)} of {len(paths)} images scored (maps in {out / 'maps'}), "
-            f"{len(paths) - len(rows)} not scored, no scores.csv written "
-            "(use --skip-bad to skip unreadable images)"
-        ) from None
-    bar.close()
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(["path", "score"])
-    writer.writerows((p, f"{s:.6g}") for p, _, s in rows)
-    write_text_atomic(out / "scores.csv", text.getvalue())
-    write_text_atomic(out / "results.jsonl", "".join(r + "\n" for r in records))
-    if detector.is_calibrated and detector.pixel_threshold_ > 0:
-        # Fixed scale anchored on the pixel threshold: it sits mid-scale, so the same colour means
-        # the same score in every run and image; red = 1.5x the threshold or more.
-        low, high = 0.5 * detector.pixel_threshold_, 1.5 * detector.pixel_threshold_
-    for path, name, _ in tqdm(
-        rows,
-        desc="overlays",
-        unit="img",
-        disable=args.quiet,
-        leave=False,
-    ):
-        amap = np.load(out / "maps" / f"{name}.npy")
-        target = out / "overlays" / f"{name}.png"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        buffer = io.BytesIO()
-        overlay(read_image(path), amap, low, high).save(buffer, format="PNG")
-        from patchad.modelfile import atomic_write_bytes
-
-        atomic_write_bytes(target, buffer.getvalue(), force=True)
-    written = "scores.csv, results.jsonl, maps/, overlays/"
-    status = EXIT_OK
-    if detector.is_calibrated:
-        written += ", masks/"
-        flagged = sum(json.loads(r)["anomalous"] for r in records)
-        _say(args, f"{flagged} of {len(rows)} images anomalous (fpr {detector.fpr})")
-        if args.fail_on_anomaly and flagged:
-            status = EXIT_ANOMALY
-    _summary(args, f"scored {len(rows)} images -> {out}/: {written}")
-    return status
-
-
-def result_record(
-    path: str, score: float, normalized: float | None, anomalous: bool | None, mask: Any
-) -> dict[str, Any]:
-    """One line of ``results.jsonl``.
-
-    Keys: ``path``; ``score`` (raw); ``normalized`` (conformal p-value, smaller = more
-    anomalous); ``anomalous`` (bool) and ``decision`` (``"anomalous"``/``"normal"``);
-    ``defect_area_px`` and ``defect_area_fraction`` of the mask; ``boxes``, one
-    ``[x0, y0, x1, y1]`` per 8-connected defect region in original pixels, x1/y1 exclusive.
-    Everything but path and score is null when the model is not calibrated.
-    """
-    from patchad.calibration import region_boxes
-
-    record: dict[str, Any] = {"path": path, "score": score, "normalized": normalized}
-    record["anomalous"] = anomalous
-    record["decision"] = None if anomalous is None else ("anomalous" if anomalous else "normal")
-    if mask is None:
-        record.update(defect_area_px=None, defect_area_fraction=None, boxes=None)
-    else:
-        area = int(np.count_nonzero(mask))
-        record.update(
-            defect_area_px=area,
-            defect_area_fraction=area / mask.size,
-            boxes=region_boxes(mask),
+    with tqdm(total=len(paths), desc="predict", unit="img", disable=args.quiet, leave=False) as bar:
+        written = write_predictions(
+            detector.iter_predict(paths, skip_bad=args.skip_bad),
+            paths,
+            out,
+            sources=args.paths,
+            pixel_threshold=detector.pixel_threshold_ if detector.is_calibrated else None,
+            on_progress=bar.update,
         )
-    return record
-
-
-def _write_png(path: Path, array: np.ndarray) -> None:
-    from PIL import Image
-
-    from patchad.modelfile import atomic_write_bytes
-
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    atomic_write_bytes(path, buffer.getvalue(), force=True)
+    status = EXIT_OK
+    if written.flagged is not None:
+        _say(args, f"{written.flagged} of {written.scored} images anomalous (fpr {detector.fpr})")
+        if args.fail_on_anomaly and written.flagged:
+            status = EXIT_ANOMALY
+    _summary(args, f"scored {written.scored} images -> {out}/: {', '.join(written.files)}")
+    return status
 
 
 def _good_images(folder: str) -> list[Path]:
@@ -571,7 +432,6 @@ def _cpus_argument(parser: argparse.ArgumentParser, task: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from patchad import __version__
-    from patchad.detectors import DETECTORS
 
     parser = _Parser(prog="patchad", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"patchad {__version__}")
@@ -589,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     fit = sub.add_parser("fit", help="learn normal from good images; write a model file")
-    fit.add_argument("--method", choices=sorted(DETECTORS), default="patchcore")
+    fit.add_argument("--method", choices=sorted(METHODS), default="patchcore")
     fit.add_argument(
         "--data",
         required=True,
@@ -667,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("benchmark", help="fit and evaluate methods x categories")
     bench.add_argument("--data", required=True, help="a category folder or a root of categories")
     bench.add_argument("--categories", metavar="A,B", help="subset of categories (default: all)")
-    bench.add_argument("--methods", metavar="A,B", help=f"default: all ({','.join(DETECTORS)})")
+    bench.add_argument("--methods", metavar="A,B", help=f"default: all ({','.join(METHODS)})")
     bench.add_argument("--backbone", help="timm backbone name for every method")
     bench.add_argument("--weights", help="local backbone weights file (.pth or .safetensors)")
     bench.add_argument(

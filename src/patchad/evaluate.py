@@ -276,14 +276,15 @@ def evaluate(
     if out is not None:
         import csv
 
+        from patchad.atomic import write_text_atomic
+        from patchad.outputs import format_score
+
         text = io.StringIO()
         writer = csv.writer(text, lineterminator="\n")
         writer.writerow(["path", "defect_type", "label", "score"])
         for s, score in zip(samples, scores, strict=True):
-            writer.writerow([str(s.path), s.defect_type, s.label, f"{float(score):.9g}"])
-        from patchad.modelfile import atomic_write_bytes
-
-        atomic_write_bytes(out / "scores.csv", text.getvalue().encode(), force=True)
+            writer.writerow([str(s.path), s.defect_type, s.label, format_score(score)])
+        write_text_atomic(out / "scores.csv", text.getvalue())
 
     overall = _metrics(scores, labels, kept_maps, kept_masks, pixel)
     per_type: dict[str, dict[str, Any]] = {}

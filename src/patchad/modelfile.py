@@ -11,13 +11,9 @@ fsync, then rename. A write killed mid-way leaves the old file intact and, at wo
 
 from __future__ import annotations
 
-import contextlib
-import glob
 import hashlib
 import json
 import os
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import Tensor
 
+from patchad.atomic import STALE_TMP_AGE, atomic_write_bytes  # noqa: F401 (re-exported)
 from patchad.errors import PatchadError
 
 FORMAT = "patchad"
@@ -41,49 +38,6 @@ def checksum(tensors: dict[str, Tensor]) -> str:
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, force: bool) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename.
-
-    Raises:
-        PatchadError: ``path`` exists and ``force`` is false, or its folder is not writable.
-    """
-    target = Path(path)
-    if target.exists() and not force:
-        raise PatchadError(f"{target}: already exists (use --force to overwrite)")
-    if target.is_dir():
-        raise PatchadError(f"{target}: is a folder")
-    folder = target.parent if str(target.parent) else Path(".")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
-    except OSError as exc:
-        raise PatchadError(f"{target}: cannot write ({exc.strerror})") from None
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _remove_stale_temporaries(target)
-
-
-#: Temporary files of ``atomic_write_bytes`` older than this (seconds) were left by a killed
-#: write, not by one in progress, and are removed by the next successful write of the same file.
-STALE_TMP_AGE = 3600.0
-
-
-def _remove_stale_temporaries(target: Path) -> None:
-    now = time.time()
-    for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
-        with contextlib.suppress(OSError):
-            if now - stale.stat().st_mtime > STALE_TMP_AGE:
-                stale.unlink()
 
 
 def write_model(

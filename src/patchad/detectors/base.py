@@ -11,7 +11,6 @@ import inspect
 import os
 import typing
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -30,6 +29,7 @@ from patchad.features import (
 from patchad.loading import ImageLike, Images, as_items, iter_batches
 from patchad.modelfile import read_model, write_model
 from patchad.ops.maps import anomaly_map
+from patchad.prediction import Prediction, decide
 
 if typing.TYPE_CHECKING:
     from typing_extensions import Self
@@ -40,31 +40,6 @@ NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]] | None] = 
     "backbone": None,
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """What ``predict`` returns; higher = more anomalous everywhere.
-
-    Attributes:
-        scores: image anomaly scores, shape (B,).
-        maps: anomaly maps, one float32 array of shape (H_i, W_i) per image, at the image's
-            original size.
-        names: the file path of each image (``"<image i>"`` for in-memory images).
-        normalized: conformal p-values of the scores against the calibration scores, shape (B,),
-            in [1/(n+1), 1], smaller = more anomalous (see :func:`patchad.calibration.p_values`);
-            None when the detector is not calibrated.
-        decisions: ``scores > image_threshold_``, bool, shape (B,); None when not calibrated.
-        masks: defect masks ``map > pixel_threshold_``, one bool array (H_i, W_i) per image;
-            None when not calibrated.
-    """
-
-    scores: np.ndarray
-    maps: list[np.ndarray]
-    names: list[str]
-    normalized: np.ndarray | None = None
-    decisions: np.ndarray | None = None
-    masks: list[np.ndarray] | None = None
 
 
 class Detector:
@@ -341,16 +316,14 @@ class Detector:
     def _decide(self, scores: np.ndarray, maps: list[np.ndarray], names: list[str]) -> Prediction:
         """A :class:`Prediction`, with p-values, decisions and masks when calibrated."""
         if not self.is_calibrated:
-            return Prediction(scores=scores, maps=maps, names=names)
-        from patchad.calibration import p_values
-
-        return Prediction(
-            scores=scores,
-            maps=maps,
-            names=names,
-            normalized=p_values(self.calibration_scores_.numpy(), scores),
-            decisions=scores > self.image_threshold_,
-            masks=[m > self.pixel_threshold_ for m in maps],
+            return decide(scores, maps, names, None, None, None)
+        return decide(
+            scores,
+            maps,
+            names,
+            self.calibration_scores_.numpy(),
+            self.image_threshold_,
+            self.pixel_threshold_,
         )
 
     def iter_predict(
