@@ -45,6 +45,16 @@ def cluster() -> Iterator[Cluster]:
         c.shutdown()
 
 
+@pytest.fixture(autouse=True)
+def _keep_threads() -> Iterator[None]:
+    """``main(["--threads", "1", ...])`` sets torch's thread count for the process: restore it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def _rows(out: Path) -> list[dict]:
     return json.loads((out / "results.json").read_text())["rows"]
 
@@ -79,9 +89,9 @@ def _tasks_running(c: Cluster, name: str) -> list[int]:
 class _Killer(threading.Thread):
     """Kills (SIGKILL) the first worker process seen running task ``name``, once."""
 
-    def __init__(self, c: Cluster, name: str, timeout: float = 120.0) -> None:
+    def __init__(self, c: Cluster, name: str, wait: float = 0.5, timeout: float = 120.0) -> None:
         super().__init__(daemon=True)
-        self.c, self.name, self.timeout = c, name, timeout
+        self.c, self.name, self.wait, self.timeout = c, name, wait, timeout
         self.killed: int | None = None
         self.stop = threading.Event()
 
@@ -90,7 +100,7 @@ class _Killer(threading.Thread):
         while not self.stop.is_set() and time.monotonic() < end:
             pids = _tasks_running(self.c, self.name)
             if pids:
-                time.sleep(0.5)  # let it get into the work
+                time.sleep(self.wait)  # let it get into the work
                 if pids[0] in _tasks_running(self.c, self.name):
                     os.kill(pids[0], signal.SIGKILL)
                     self.killed = pids[0]
@@ -191,3 +201,56 @@ def test_fit_bank_equals_local_sharded_fit(
     assert got.is_calibrated
     # calibration ran in the driver with its own thread count: equal up to rounding
     assert got.image_threshold_ == pytest.approx(want.image_threshold_, rel=1e-5)
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_predict_equals_local_killed_actor_and_resume(
+    cluster: Cluster, fitted, demo_root: Path, tmp_path: Path
+) -> None:
+    from patchad import load
+
+    fitted.save(tmp_path / "fitted.safetensors")
+    det = load(tmp_path / "fitted.safetensors")
+    det.batch_size = 2  # 5 batches of the 10 test images
+    model = str(tmp_path / "m.safetensors")
+    det.save(model)
+    data = tmp_path / "test"
+    shutil.copytree(demo_root / "object" / "test", data)
+    local, remote = tmp_path / "local", tmp_path / "ray"
+    args = ["-q", "predict", "--model", model, str(data)]
+    assert main(["--threads", "1", *args, "--out", str(local)]) == 0
+    killer = _Killer(cluster, "Scorer.score", wait=0.05)
+    killer.start()
+    try:
+        assert main([*args, "--out", str(remote), "--ray", cluster.address]) == 0
+    finally:
+        killer.stop.set()
+        killer.join()
+    assert killer.killed is not None
+    want = _tree(local)
+    assert "masks/good/000.png" in want
+    assert _tree(remote) == want  # byte for byte, JOURNAL removed
+    # an interrupted run: stops at an unreadable image in the last batch
+    paths = sorted(p for p in data.rglob("*.png"))
+    last = paths[9]
+    saved = last.read_bytes()
+    last.write_bytes(b"broken")
+    again = tmp_path / "again"
+    assert main([*args, "--out", str(again), "--ray", cluster.address]) == 2
+    journal = again / "predict-progress.jsonl"
+    assert len(journal.read_text().splitlines()) == 4
+    assert not (again / "scores.csv").exists()
+    last.write_bytes(saved)
+    # what is done is not scored again: a changed image in batch 0 keeps its recorded score
+    paths[0].write_bytes(paths[1].read_bytes())
+    assert main([*args, "--out", str(again), "--ray", cluster.address, "--resume"]) == 0
+    got = _tree(again)
+    assert set(got) == set(want)
+    assert got["scores.csv"] == want["scores.csv"]
+    assert got["results.jsonl"] == want["results.jsonl"]
+    for name, content in want.items():
+        if not name.startswith("overlays/good/000"):  # the overlay is drawn on the new image
+            assert got[name] == content, name

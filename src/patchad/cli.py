@@ -153,17 +153,36 @@ def cmd_predict(args: argparse.Namespace) -> int:
             f"{args.model}: not calibrated, so --fail-on-anomaly has no threshold "
             "(run `patchad calibrate` first)"
         )
+    if args.resume and args.ray is None:
+        raise PatchadError("--resume: only with --ray")
     paths = resolve_sources(args.paths)
-    out = ensure_out_dir(Path(args.out), args.force)
+    out = ensure_out_dir(Path(args.out), args.force or args.resume)
     with tqdm(total=len(paths), desc="predict", unit="img", disable=args.quiet, leave=False) as bar:
-        written = write_predictions(
-            detector.iter_predict(paths, skip_bad=args.skip_bad),
-            paths,
-            out,
-            sources=args.paths,
-            pixel_threshold=detector.pixel_threshold_ if detector.is_calibrated else None,
-            on_progress=bar.update,
-        )
+        if args.ray is not None:
+            from patchad import cluster
+
+            with cluster.session(args.ray):
+                written = cluster.predict(
+                    detector,
+                    args.model,
+                    paths,
+                    out,
+                    sources=args.paths,
+                    weights=args.weights,
+                    skip_bad=args.skip_bad,
+                    resume=args.resume,
+                    cpus_per_task=args.cpus_per_task,
+                    on_progress=bar.update,
+                )
+        else:
+            written = write_predictions(
+                detector.iter_predict(paths, skip_bad=args.skip_bad),
+                paths,
+                out,
+                sources=args.paths,
+                pixel_threshold=detector.pixel_threshold_ if detector.is_calibrated else None,
+                on_progress=bar.update,
+            )
     status = EXIT_OK
     if written.flagged is not None:
         _say(args, f"{written.flagged} of {written.scored} images anomalous (fpr {detector.fpr})")
@@ -426,7 +445,7 @@ def _cpus_argument(parser: argparse.ArgumentParser, task: str) -> None:
         type=float,
         default=1.0,
         metavar="N",
-        help=f"with --ray: CPUs reserved by each {task} task (default 1)",
+        help=f"with --ray: CPUs reserved by each {task} (default 1)",
     )
 
 
@@ -486,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip-bad", action="store_true", help="skip unreadable images with a warning each"
     )
     _ray_arguments(fit)
-    _cpus_argument(fit, "coreset shard")
+    _cpus_argument(fit, "coreset shard task")
     fit.set_defaults(func=cmd_fit)
 
     predict = sub.add_parser("predict", help="score images; write scores, maps and overlays")
@@ -502,6 +521,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--fail-on-anomaly",
         action="store_true",
         help="exit with status 1 when any image is anomalous (needs a calibrated model)",
+    )
+    _ray_arguments(predict)
+    _cpus_argument(predict, "scoring actor")
+    predict.add_argument(
+        "--resume",
+        action="store_true",
+        help="with --ray: keep the batches an interrupted run into --out finished",
     )
     predict.set_defaults(func=cmd_predict)
 
@@ -548,7 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--allow-missing-masks", action="store_true", help="see `patchad evaluate`")
     bench.add_argument("--out", required=True, help="output folder")
     _ray_arguments(bench)
-    _cpus_argument(bench, "(category, method)")
+    _cpus_argument(bench, "(category, method) task")
     bench.set_defaults(func=cmd_benchmark)
 
     calibrate = sub.add_parser(

@@ -189,3 +189,155 @@ def ray_shard_runner(*, cpus_per_task: float = 1.0, max_retries: int = MAX_RETRI
             raise PatchadError(f"fit --ray: a shard failed: {_failure(exc, max_retries)}") from None
 
     return run
+
+
+#: ``predict --ray`` records each batch written here (removed when the run completes), so that
+#: ``--resume`` rescoring nothing that is done.
+JOURNAL = "predict-progress.jsonl"
+
+
+class Scorer:
+    """A Ray actor's state: one detector, loaded once, scoring batches of image files."""
+
+    def __init__(self, model: str, weights: str | None, skip_bad: bool) -> None:
+        from patchad.detectors import load
+
+        self.detector = load(model, weights=weights)
+        self.skip_bad = skip_bad
+
+    def score(self, paths: list[str]) -> tuple[list[str], Any, list[Any]]:
+        """Names, raw scores (B,) float32 and maps of the readable images of ``paths``."""
+        import numpy as np
+
+        names: list[str] = []
+        scores: list[Any] = []
+        maps: list[Any] = []
+        for part in self.detector.iter_predict(paths, skip_bad=self.skip_bad):
+            names.extend(part.names)
+            scores.append(part.scores)
+            maps.extend(part.maps)
+        joined = np.concatenate(scores) if scores else np.zeros(0, dtype=np.float32)
+        return names, joined, maps
+
+
+def _read_journal(path: Path, batches: list[list[int]]) -> dict[int, tuple[list[int], list[float]]]:
+    """Finished batches of an earlier run: batch number -> (input indices, scores)."""
+    import json
+
+    done: dict[int, tuple[list[int], list[float]]] = {}
+    if not path.exists():
+        return done
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+            k, index, scores = int(entry["batch"]), entry["index"], entry["scores"]
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by the interruption
+        if k < len(batches) and set(index) <= set(batches[k]) and len(index) == len(scores):
+            done[k] = ([int(i) for i in index], [float(s) for s in scores])
+    return done
+
+
+def predict(
+    detector: Any,
+    model: str | Path,
+    paths: list[Path],
+    out: Path,
+    *,
+    sources: list[str] | None = None,
+    weights: str | None = None,
+    skip_bad: bool = False,
+    resume: bool = False,
+    cpus_per_task: float = 1.0,
+    max_retries: int = MAX_RETRIES,
+    on_progress: Callable[[int], None] | None = None,
+) -> Any:
+    """``patchad predict`` on Ray: batches of ``detector.batch_size`` input paths scored by
+    actors that each load the model once; this process feeds the results, in input order, to
+    :func:`patchad.outputs.write_predictions`, so the files are those of a local run.
+
+    An actor whose process dies is restarted and its batch rerun (up to ``max_retries``
+    times). Each written batch is recorded in ``out/predict-progress.jsonl``; with ``resume``,
+    batches recorded there are read back from ``maps/`` instead of being scored again. The
+    record is removed when the run completes.
+
+    Args:
+        detector: the loaded model (its thresholds make the decisions, here).
+        model: its file, loaded by every actor (a path every node can read).
+        paths: input image files, in order.
+        out: output folder (exists).
+        sources: what the user named, for the output names.
+        weights: backbone weights file for the actors.
+        skip_bad: skip unreadable images instead of stopping.
+        resume: keep the batches recorded by an interrupted run.
+        cpus_per_task: CPUs each actor reserves; the cluster's CPUs / this = actors.
+
+    Returns:
+        :class:`patchad.outputs.WrittenOutputs`.
+    """
+    import json
+
+    import numpy as np
+
+    from patchad.outputs import output_names, write_predictions
+
+    ray = _ray()
+    from ray.util import ActorPool
+
+    size = detector.batch_size
+    batches = [list(range(i, min(i + size, len(paths)))) for i in range(0, len(paths), size)]
+    journal = out / JOURNAL
+    done = _read_journal(journal, batches) if resume else {}
+    if not resume:
+        journal.unlink(missing_ok=True)
+    names = output_names(paths, sources)
+    todo = [k for k in range(len(batches)) if k not in done]
+    actor = ray.remote(Scorer).options(
+        num_cpus=cpus_per_task, max_restarts=max_retries, max_task_retries=max_retries
+    )
+    count = max(1, min(len(todo), int(workers(cpus_per_task))))
+    actors = [actor.remote(str(model), weights, skip_bad) for _ in range(count if todo else 0)]
+
+    def submit(a: Any, k: int) -> Any:
+        return a.score.remote([str(paths[i]) for i in batches[k]])
+
+    scored = ActorPool(actors).map(submit, todo) if todo else iter(())
+
+    def parts() -> Any:
+        with open(journal, "a") as log:
+            for k in range(len(batches)):
+                if k in done:
+                    index, scores = done[k]
+                    maps = [np.load(out / "maps" / f"{names[i]}.npy") for i in index]
+                    values = np.array(scores, dtype=np.float32)
+                else:
+                    try:
+                        got, values, maps = next(scored)
+                    except ray.exceptions.RayError as exc:
+                        cause = getattr(exc, "cause", None)
+                        if isinstance(cause, PatchadError):
+                            raise PatchadError(str(cause)) from None
+                        raise PatchadError(_failure(exc, max_retries)) from None
+                    index, pending = [], iter(batches[k])
+                    for name in got:  # the batch's readable images, in order
+                        index.append(next(i for i in pending if str(paths[i]) == name))
+                yield detector._decide(values, maps, [str(paths[i]) for i in index])
+                # write_predictions asks for the next part once this one's files are written
+                entry = {"batch": k, "index": index, "scores": [float(s) for s in values]}
+                log.write(json.dumps(entry) + "\n")
+                log.flush()
+
+    try:
+        written = write_predictions(
+            parts(),
+            paths,
+            out,
+            sources=sources,
+            pixel_threshold=detector.pixel_threshold_ if detector.is_calibrated else None,
+            on_progress=on_progress,
+        )
+    finally:
+        for a in actors:
+            ray.kill(a)
+    journal.unlink(missing_ok=True)
+    return written
