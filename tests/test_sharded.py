@@ -58,3 +58,26 @@ def test_plan_refuses_no_images() -> None:
 
     with pytest.raises(PatchadError):
         plan_shards(_detector(), 0)
+
+
+def test_ray_flags_fail_cleanly_without_ray(
+    demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    import sys
+
+    from patchad.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    data = str(demo_root / "object")
+    fit = ["fit", "--data", data, "--backbone", LITE0, "--out", str(tmp_path / "m.safetensors")]
+    assert main([*fit, "--ray"]) == 2
+    assert 'Ray is not installed (pip install "patchad[ray]")' in capsys.readouterr().err
+    bench = ["benchmark", "--data", data, "--out", str(tmp_path / "b"), "--ray", "auto"]
+    assert main([*bench, "--save-maps", str(tmp_path / "maps")]) == 2
+    assert "--save-maps: not supported with --ray" in capsys.readouterr().err
+    assert main([*bench, "--cpus-per-task", "0"]) == 2
+    pred = ["predict", "--model", "m.safetensors", data, "--out", str(tmp_path / "p")]
+    assert main([*pred, "--resume"]) == 2
+    assert "--resume: only with --ray" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+    assert not (tmp_path / "m.safetensors").exists()

@@ -147,14 +147,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from patchad.images import resolve_sources
     from patchad.outputs import write_predictions
 
+    if args.resume and args.ray is None:
+        raise PatchadError("--resume: only with --ray")
     detector = load(args.model, weights=args.weights)
     if args.fail_on_anomaly and not detector.is_calibrated:
         raise PatchadError(
             f"{args.model}: not calibrated, so --fail-on-anomaly has no threshold "
             "(run `patchad calibrate` first)"
         )
-    if args.resume and args.ray is None:
-        raise PatchadError("--resume: only with --ray")
     paths = resolve_sources(args.paths)
     out = ensure_out_dir(Path(args.out), args.force or args.resume)
     with tqdm(total=len(paths), desc="predict", unit="img", disable=args.quiet, leave=False) as bar:
