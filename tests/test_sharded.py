@@ -10,6 +10,7 @@ import torch
 from patchad import PatchCore
 from patchad.data import training_images
 from patchad.ops.coreset import shard_quota
+from patchad.sharded import fit_padim_sharded as fit_padim_sharded_
 from patchad.sharded import fit_sharded, plan_shards, select_shard
 
 LITE0 = "tf_efficientnet_lite0"
@@ -81,3 +82,31 @@ def test_ray_flags_fail_cleanly_without_ray(
     assert "--resume: only with --ray" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_padim_from_merged_shard_sums_equals_fit(demo_root: Path) -> None:
+    from patchad import PaDiM
+
+    images = training_images(demo_root / "texture")
+    make = lambda: PaDiM(backbone=LITE0, image_size=64, calibration_split=0.0)  # noqa: E731
+    want = make().fit(images)
+    lines: list[str] = []
+    got = fit_padim_sharded_(make(), images, shards=3, say=lines.append)
+    assert lines[0].startswith("plan: 16 images -> 3 shards of <= 6 images")
+    assert torch.equal(got.channel_index_, want.channel_index_)
+    torch.testing.assert_close(got.mean_, want.mean_, rtol=1e-5, atol=1e-5)
+    # 16 images for 100 dims: the inverse covariances amplify rounding; compare the scores
+    scores = got.predict(images[:4]).scores
+    assert scores == pytest.approx(want.predict(images[:4]).scores, rel=1e-3)
+
+
+def test_merge_moments_equals_one_pass() -> None:
+    from patchad.ops.gaussian import accumulate, mean_covariance, merge_moments
+
+    x = torch.randn(12, 5, 4, generator=torch.Generator().manual_seed(0)) * 3 + 7
+    one = accumulate(None, x)
+    parts = [accumulate(accumulate(None, x[:3]), x[3:5]), accumulate(None, x[5:])]
+    merged = merge_moments(*parts)
+    assert merged.count == 12
+    for a, b in zip(mean_covariance(merged), mean_covariance(one), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)  # float32 products

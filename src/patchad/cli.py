@@ -115,20 +115,29 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 def _fit_on_ray(args: argparse.Namespace, detector: Any, images: Any, calibration: Any) -> None:
     from patchad import cluster
-    from patchad.sharded import fit_sharded
+    from patchad.sharded import fit_padim_sharded, fit_sharded
 
-    if args.method != "patchcore" or args.skip_bad:
-        raise PatchadError("--ray: fit supports --method patchcore only, without --skip-bad")
+    if args.method not in ("patchcore", "padim") or args.skip_bad:
+        raise PatchadError("--ray: fit supports patchcore and padim, without --skip-bad")
     with cluster.session(args.ray):
-        fit_sharded(
-            detector,
-            images,
-            calibration=calibration,
-            runner=cluster.ray_shard_runner(cpus_per_task=args.cpus_per_task),
-            workers=cluster.workers(args.cpus_per_task),
-            progress=not args.quiet,
-            say=lambda message: _say(args, message),
-        )
+        runner = cluster.ray_shard_runner(cpus_per_task=args.cpus_per_task)
+        workers = cluster.workers(args.cpus_per_task)
+        say = lambda message: _say(args, message)  # noqa: E731
+        if args.method == "padim":
+            shards = max(1, int(workers))
+            fit_padim_sharded(
+                detector, images, calibration=calibration, shards=shards, runner=runner, say=say
+            )
+        else:
+            fit_sharded(
+                detector,
+                images,
+                calibration=calibration,
+                runner=runner,
+                workers=workers,
+                progress=not args.quiet,
+                say=say,
+            )
 
 
 def _summary(args: argparse.Namespace, message: str) -> None:

@@ -165,21 +165,20 @@ def workers(cpus_per_task: float) -> float:
 
 
 def ray_shard_runner(*, cpus_per_task: float = 1.0, max_retries: int = MAX_RETRIES) -> ShardRunner:
-    """A :data:`patchad.sharded.ShardRunner` running each shard of a sharded PatchCore fit as
-    one Ray task of :func:`patchad.sharded.select_shard` (a lost task is rerun up to
-    ``max_retries`` times); the selected rows come back to the driver in shard order.
+    """A :data:`patchad.sharded.ShardRunner` running each shard of a sharded fit
+    (:func:`patchad.sharded.select_shard`, :func:`patchad.sharded.padim_moments`) as one Ray
+    task (a lost task is rerun up to ``max_retries`` times); the results come back to the
+    driver in shard order.
 
     Raises:
         PatchadError: a shard failed (bad data, or lost after its retries).
     """
     ray = _ray()
-    from patchad.sharded import select_shard
 
-    task = ray.remote(select_shard).options(
-        num_cpus=cpus_per_task, max_retries=max_retries, retry_exceptions=False
-    )
-
-    def run(jobs: list[tuple[dict[str, Any], list[Path], int]]) -> list[Any]:
+    def run(function: Callable[..., Any], jobs: list[tuple[Any, ...]]) -> list[Any]:
+        task = ray.remote(function).options(
+            num_cpus=cpus_per_task, max_retries=max_retries, retry_exceptions=False
+        )
         refs = [task.remote(*job) for job in jobs]
         try:
             return ray.get(refs)

@@ -1,7 +1,8 @@
 """PatchCore fitted shard by shard, where shards are ranges of training images: each shard's
 patches are extracted, projected and reduced to its share of the coreset independently of the
-others, so the shards can run on different machines (:func:`patchad.cluster.fit_patchcore`)
-and the memory a shard needs is bounded by its size.
+others, so the shards can run on different machines (:func:`patchad.cluster.ray_shard_runner`)
+and the memory a shard needs is bounded by its size. PaDiM's training sums merge exactly, so
+it is fitted the same way (:func:`fit_padim_sharded`).
 
 This is the composable two-round k-center of distributed clustering, like
 :func:`patchad.ops.coreset.sharded_greedy_coreset`, with another shard assignment: contiguous
@@ -13,7 +14,9 @@ same bank, row for row, whatever runs the shards. With a single shard it is
 
 from __future__ import annotations
 
+import functools
 import itertools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +25,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from patchad.detectors.padim import PaDiM
 from patchad.detectors.patchcore import MB, PatchCore
 from patchad.errors import PatchadError
 from patchad.ops.coreset import greedy_coreset, random_projection, shard_quota
+from patchad.ops.gaussian import Moments, merge_moments
 from patchad.store import RowStore
 
 
@@ -143,13 +148,13 @@ def select_shard(
         store.close()
 
 
-#: Runs the shard jobs ``(params, images, take)`` and returns their results in order.
-ShardRunner = Callable[[list[tuple[dict[str, Any], list[Path], int]]], list[Tensor]]
+#: ``runner(function, jobs)``: ``[function(*job) for job in jobs]``, wherever it runs them.
+ShardRunner = Callable[[Callable[..., Any], list[tuple[Any, ...]]], list[Any]]
 
 
-def run_local(jobs: list[tuple[dict[str, Any], list[Path], int]]) -> list[Tensor]:
+def run_local(function: Callable[..., Any], jobs: list[tuple[Any, ...]]) -> list[Any]:
     """The default :data:`ShardRunner`: one shard after the other, in this process."""
-    return [select_shard(*job) for job in jobs]
+    return [function(*job) for job in jobs]
 
 
 def fit_sharded(
@@ -192,7 +197,7 @@ def fit_sharded(
         (params, [Path(p) for p in train[a:b]], k)
         for a, b, k in zip(plan.bounds, plan.bounds[1:], plan.take, strict=False)
     ]
-    parts = runner(jobs)
+    parts = runner(select_shard, jobs)
     detector._build()
     for name in (*detector.calibration_tensors, "image_threshold_", "pixel_threshold_"):
         detector.__dict__.pop(name, None)
@@ -203,4 +208,74 @@ def fit_sharded(
     return detector
 
 
-__all__ = ["ShardPlan", "fit_sharded", "plan_shards", "select_shard"]
+def padim_moments(params: dict[str, Any], images: Sequence[str | Path]) -> Moments | None:
+    """One shard's PaDiM training sums (:meth:`PaDiM.moments`) over ``images``."""
+    from patchad.detectors.padim import PaDiM
+
+    detector = PaDiM(**params)
+    detector._build()
+    return detector.moments(detector._feature_batches(list(images), False, "shard"))
+
+
+def fit_padim_sharded(
+    detector: PaDiM,
+    images: Sequence[str | Path],
+    *,
+    calibration: Sequence[str | Path] | None = None,
+    shards: int = 1,
+    runner: ShardRunner = run_local,
+    progress: bool = False,
+    say: Callable[[str], None] | None = None,
+) -> PaDiM:
+    """Fit a PaDiM from the training sums of ``shards`` contiguous image ranges, each computed
+    on its own (:func:`padim_moments`) and merged (:func:`~patchad.ops.gaussian.merge_moments`):
+    the same Gaussians as ``PaDiM.fit`` up to rounding (the sums are added in another order).
+
+    Returns:
+        ``detector``, fitted and calibrated as ``PaDiM.fit`` does.
+    """
+    from patchad.features import backbone_info, layer_indices
+
+    detector._validate()
+    if calibration is not None:
+        train, calib = list(images), list(calibration)
+    else:
+        train, calib = detector.split_calibration(images)
+    count = max(1, min(shards, len(train)))
+    bounds = [round(i * len(train) / count) for i in range(count + 1)]
+    if say is not None:
+        info = backbone_info(detector.backbone)
+        idx = layer_indices(detector.backbone, detector.resolved_layers)
+        side = detector.crop_size or detector.image_size
+        positions = math.ceil(side / min(info.strides[i] for i in idx)) ** 2
+        d = detector.resolved_n_features
+        say(
+            f"plan: {len(train)} images -> {count} shards of <= "
+            f"{max(itertools.starmap(lambda a, b: b - a, itertools.pairwise(bounds)))} images; "
+            f"each returns its sums ({positions:,} positions x {d} x {d}, "
+            f"{positions * d * (d + 1) * 4 / MB:.0f} MiB) (+ backbone and runtime)"
+        )
+    params = detector.get_params()
+    jobs = [(params, [Path(p) for p in train[a:b]]) for a, b in itertools.pairwise(bounds)]
+    parts = [m for m in runner(padim_moments, jobs) if m is not None]
+    if not parts:
+        raise PatchadError("PaDiM needs at least 2 readable training images")
+    merged = functools.reduce(merge_moments, parts)
+    detector._build()
+    for name in (*detector.calibration_tensors, "image_threshold_", "pixel_threshold_"):
+        detector.__dict__.pop(name, None)
+    detector.fit_moments(merged)
+    detector.fingerprint_ = detector.extractor_.fingerprint
+    if calib:
+        detector.calibrate(calib, progress=progress)
+    return detector
+
+
+__all__ = [
+    "ShardPlan",
+    "fit_padim_sharded",
+    "fit_sharded",
+    "padim_moments",
+    "plan_shards",
+    "select_shard",
+]
