@@ -254,3 +254,24 @@ def test_predict_equals_local_killed_actor_and_resume(
     for name, content in want.items():
         if not name.startswith("overlays/good/000"):  # the overlay is drawn on the new image
             assert got[name] == content, name
+
+
+def test_padim_fit_on_ray_matches_local(
+    cluster: Cluster, demo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from patchad import PaDiM, load
+    from patchad.data import training_images
+
+    model = tmp_path / "p.safetensors"
+    data = demo_root / "object"
+    args = ["fit", "--method", "padim", "--data", str(data), "--set", "image_size=64"]
+    args += ["--backbone", "tf_efficientnet_lite0", "--calibration-split", "0"]
+    assert main([*args, "--out", str(model), "--ray", cluster.address]) == 0
+    assert "plan: 16 images -> 2 shards of <= 8 images" in capsys.readouterr().err
+    images = training_images(data)
+    want = PaDiM(backbone="tf_efficientnet_lite0", image_size=64, calibration_split=0.0)
+    want.fit(images)
+    got = load(model)
+    assert got.predict(images[:4]).scores == pytest.approx(
+        want.predict(images[:4]).scores, rel=1e-3
+    )
