@@ -19,7 +19,8 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from patchad.evaluate import Report, evaluate, rotate_pair, shift_pair
 from patchad.images import read_image
 from patchad.modelfile import atomic_write_bytes
 
-__all__ = ["RSSSampler", "git_sha", "run_benchmark"]
+__all__ = ["CellResult", "RSSSampler", "git_sha", "run_benchmark", "run_cell"]
 
 THUMB = 128
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
@@ -138,13 +139,18 @@ def mean_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     keys = []
     for r in rows:
+        if r.get("error"):
+            continue
         if r["category"] != "mean" and (r["method"], r["variant"]) not in keys:
             keys.append((r["method"], r["variant"]))
     for method, variant in keys:
         group = [
             r
             for r in rows
-            if r["method"] == method and r["variant"] == variant and r["category"] != "mean"
+            if r["method"] == method
+            and r["variant"] == variant
+            and r["category"] != "mean"
+            and not r.get("error")
         ]
         row: dict[str, Any] = {"method": method, "category": "mean", "variant": variant}
         for key in (*METRICS, *COSTS):
@@ -296,6 +302,173 @@ def _jsonable(config: dict[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
 
 
+@dataclass
+class CellResult:
+    """What one (category, method) cell computed: its rows (``original`` first, then the
+    ``--shift-test`` variants, which reuse the same fit) and its files' contents, which only the
+    driver writes (``models/<method>__<category>.safetensors``, ``runs/<method>/<category>/``)."""
+
+    rows: list[dict[str, Any]]
+    arrays: dict[str, np.ndarray]
+    curves: dict[str, Any]
+    model: bytes
+
+
+def run_cell(
+    test_set: TestSet,
+    method: str,
+    settings: dict[str, Any],
+    *,
+    shift_test: int | None = None,
+    save_maps: str | os.PathLike[str] | None = None,
+    sha: str = "unknown",
+    progress: bool = False,
+) -> CellResult:
+    """Fit ``method`` on ``test_set``'s training images and evaluate it: one benchmark cell.
+
+    Writes nothing under the benchmark's ``--out`` (only ``save_maps``, when given), so that the
+    same function runs in the local loop and in a Ray task (:mod:`patchad.cluster`).
+
+    Args:
+        test_set: from :func:`patchad.datasets.load_category`.
+        method: a name in :data:`patchad.detectors.DETECTORS`.
+        settings: its constructor arguments.
+        shift_test: also evaluate on test images shifted by N px and rotated by N degrees.
+        save_maps: write ``<save_maps>/<method>/<category>/...`` (see :func:`evaluate`).
+        sha: recorded in every row.
+    """
+    import tempfile
+
+    from patchad.detectors import DETECTORS
+
+    detector = DETECTORS[method](**settings)
+    n = len(test_set.samples)
+    with RSSSampler() as sampler:
+        t0 = time.perf_counter()
+        detector.fit(list(test_set.train), progress=progress)
+        fit_s = time.perf_counter() - t0
+        with tempfile.TemporaryDirectory(prefix="patchad-cell-") as tmp:
+            model_file = Path(tmp) / "model.safetensors"
+            detector.save(model_file, force=True)
+            model = model_file.read_bytes()
+        model_mb = len(model) / 2**20
+        thumbs = np.zeros((n, THUMB, THUMB), dtype=np.float16)
+
+        def keep(i, s, score, amap, mask, image, thumbs=thumbs):
+            thumbs[i] = _thumb_map(amap)
+
+        maps_dir = None
+        if save_maps is not None:
+            maps_dir = Path(save_maps) / method / test_set.name
+        report = evaluate(detector, test_set, save_maps=maps_dir, on_map=keep, progress=progress)
+    config = _jsonable(detector.get_params())
+    costs = {"fit_s": fit_s, "model_mb": model_mb, "config": config, "sha": sha}
+    rows = [_row(method, test_set, "original", report, peak_mb=sampler.peak_mb, **costs)]
+    arrays: dict[str, np.ndarray] = {
+        "scores": report.scores,
+        "thumbs": thumbs,
+        "map_min": np.float32(report.map_min),
+        "map_max": np.float32(report.map_max),
+    }
+    curves = {
+        "roc": {"fpr": report.roc[0], "tpr": report.roc[1]},
+        "pro": {"fpr": report.pro[0], "pro": report.pro[1]},
+    }
+    if shift_test is not None:
+        for variant, fn in (("shift", shift_pair(shift_test)), ("rotate", rotate_pair(shift_test))):
+            vthumbs = np.zeros((n, THUMB, THUMB), dtype=np.float16)
+
+            def keep_v(i, s, score, amap, mask, image, vthumbs=vthumbs):
+                vthumbs[i] = _thumb_map(amap)
+
+            with RSSSampler() as vs:
+                vreport = evaluate(
+                    detector, test_set, transform=fn, on_map=keep_v, progress=progress
+                )
+            peak = max(vs.peak_mb, sampler.peak_mb)
+            rows.append(_row(method, test_set, variant, vreport, peak_mb=peak, **costs))
+            arrays[f"scores_{variant}"] = vreport.scores
+            arrays[f"thumbs_{variant}"] = vthumbs
+    return CellResult(rows=rows, arrays=arrays, curves=curves, model=model)
+
+
+def variants(shift_test: int | None) -> tuple[str, ...]:
+    """The variants a cell evaluates."""
+    return ("original",) if shift_test is None else ("original", "shift", "rotate")
+
+
+def failed_rows(
+    test_set: TestSet,
+    method: str,
+    settings: dict[str, Any],
+    *,
+    shift_test: int | None,
+    sha: str,
+    error: str,
+) -> list[dict[str, Any]]:
+    """The rows of a cell that failed: every metric and cost None, ``error`` the reason. Mean
+    rows leave them out, and ``--resume`` runs the cell again."""
+    return [
+        {
+            "method": method,
+            "category": test_set.name,
+            "variant": variant,
+            **dict.fromkeys((*METRICS, *COSTS)),
+            "n_train": len(test_set.train),
+            "n_test": 0,
+            "config": _jsonable(settings),
+            "per_type": {},
+            "git_sha": sha,
+            "error": error,
+        }
+        for variant in variants(shift_test)
+    ]
+
+
+def write_cell(out: Path, method: str, category: str, result: CellResult) -> None:
+    """Write a cell's model and ``runs/<method>/<category>/`` files (the driver's job)."""
+    model = out / "models" / f"{method}__{category}.safetensors"
+    atomic_write_bytes(model, result.model, force=True)
+    run_dir = out / "runs" / method / category
+    _write_npz(run_dir / "predictions.npz", **result.arrays)
+    _write_json(run_dir / "curves.json", result.curves)
+
+
+#: A cell: the category's test set and the method.
+Cell = tuple[TestSet, str]
+#: Runs cells and yields each with its result, or with the failure's message (a string); the
+#: local one runs them in order here and lets errors propagate.
+CellRunner = Callable[[list[Cell]], Iterator[tuple[Cell, "CellResult | str"]]]
+
+
+def local_runner(
+    settings: dict[str, dict[str, Any]],
+    *,
+    shift_test: int | None,
+    save_maps: str | os.PathLike[str] | None,
+    sha: str,
+    progress: bool,
+    say: Callable[[str], None],
+) -> CellRunner:
+    """The default :data:`CellRunner`: :func:`run_cell` for each cell, in this process."""
+
+    def run(cells: list[Cell]) -> Iterator[tuple[Cell, CellResult | str]]:
+        for test_set, method in cells:
+            say(f"{method} on {test_set.name}: fit on {len(test_set.train)} images")
+            result = run_cell(
+                test_set,
+                method,
+                settings.get(method, {}),
+                shift_test=shift_test,
+                save_maps=save_maps,
+                sha=sha,
+                progress=progress,
+            )
+            yield (test_set, method), result
+
+    return run
+
+
 def run_benchmark(
     data: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -310,6 +483,7 @@ def run_benchmark(
     command: str = "",
     progress: bool = False,
     say: Callable[[str], None] = print,
+    runner: Callable[..., CellRunner] | None = None,
 ) -> list[dict[str, Any]]:
     """Fit and evaluate each method on each category; return all rows (means included).
 
@@ -321,13 +495,15 @@ def run_benchmark(
         categories: subset of category names (default: all found).
         save_maps: write ``<save_maps>/<method>/<category>/<type>/<name>.npy`` and ``scores.csv``.
         resume: keep the rows of an existing ``results.json`` and skip finished (method,
-            category) pairs.
+            category) pairs (failed ones run again).
         shift_test: also evaluate on test images shifted by N px and rotated by N degrees.
         allow_missing_masks: see :func:`patchad.datasets.load_category`.
         command: the command line, recorded in ``meta``.
+        runner: makes the :data:`CellRunner`, called with the keyword arguments of
+            :func:`local_runner` (default: :func:`local_runner`; :func:`patchad.cluster.
+            ray_runner` runs the cells as Ray tasks). Whatever runs the cells, this process
+            alone writes ``out``, after each finished cell.
     """
-    from patchad.detectors import DETECTORS
-
     out = Path(out)
     folders = find_categories(data)
     if categories:
@@ -353,103 +529,50 @@ def run_benchmark(
         "data": str(data),
         "shift_test": shift_test,
     }
-    done = {(r["method"], r["category"]) for r in rows if r["variant"] == "original"}
+    done = {
+        (r["method"], r["category"])
+        for r in rows
+        if r["variant"] == "original" and not r.get("error")
+    }
+    cells: list[Cell] = []
     for folder in folders:
         test_set = load_category(folder, allow_missing_masks=allow_missing_masks)
         todo = [m for m in methods if (m, test_set.name) not in done]
         if not todo:
             say(f"{test_set.name}: all methods done, skipped (--resume)")
+        cells.extend((test_set, m) for m in todo)
+    make = local_runner if runner is None else runner
+    run = make(
+        settings, shift_test=shift_test, save_maps=save_maps, sha=sha, progress=progress, say=say
+    )
+    finished = run(cells)  # a remote runner has submitted every cell by now
+    for test_set in {id(t): t for t, _ in cells}.values():
+        write_images_file(out / "runs" / "_images" / f"{test_set.name}.npz", test_set, shift_test)
+    for (test_set, method), result in finished:
+        if isinstance(result, str):
+            new_rows = failed_rows(
+                test_set,
+                method,
+                settings.get(method, {}),
+                shift_test=shift_test,
+                sha=sha,
+                error=result,
+            )
+            say(f"{method} on {test_set.name}: FAILED ({result})")
+        else:
+            write_cell(out, method, test_set.name, result)
+            new_rows = result.rows
+        rows = [r for r in rows if (r["method"], r["category"]) != (method, test_set.name)]
+        rows.extend(new_rows)
+        write_results(out, rows, meta)
+        if isinstance(result, str):
             continue
-        images_file = out / "runs" / "_images" / f"{test_set.name}.npz"
-        write_images_file(images_file, test_set, shift_test)
-        for method in todo:
-            say(f"{method} on {test_set.name}: fit on {len(test_set.train)} images")
-            detector = DETECTORS[method](**settings.get(method, {}))
-            with RSSSampler() as sampler:
-                t0 = time.perf_counter()
-                detector.fit(list(test_set.train), progress=progress)
-                fit_s = time.perf_counter() - t0
-                model = out / "models" / f"{method}__{test_set.name}.safetensors"
-                detector.save(model, force=True)
-                model_mb = model.stat().st_size / 2**20
-                run_dir = out / "runs" / method / test_set.name
-                arrays: dict[str, np.ndarray] = {}
-                n = len(test_set.samples)
-                thumbs = np.zeros((n, THUMB, THUMB), dtype=np.float16)
-
-                def keep(i, s, score, amap, mask, image, thumbs=thumbs):
-                    thumbs[i] = _thumb_map(amap)
-
-                maps_dir = None
-                if save_maps is not None:
-                    maps_dir = Path(save_maps) / method / test_set.name
-                report = evaluate(
-                    detector, test_set, save_maps=maps_dir, on_map=keep, progress=progress
-                )
-            config = _jsonable(detector.get_params())
-            new_rows = [
-                _row(
-                    method,
-                    test_set,
-                    "original",
-                    report,
-                    fit_s=fit_s,
-                    peak_mb=sampler.peak_mb,
-                    model_mb=model_mb,
-                    config=config,
-                    sha=sha,
-                )
-            ]
-            arrays.update(
-                scores=report.scores,
-                thumbs=thumbs,
-                map_min=np.float32(report.map_min),
-                map_max=np.float32(report.map_max),
-            )
-            curves = {
-                "roc": {"fpr": report.roc[0], "tpr": report.roc[1]},
-                "pro": {"fpr": report.pro[0], "pro": report.pro[1]},
-            }
-            if shift_test is not None:
-                for variant, fn in (
-                    ("shift", shift_pair(shift_test)),
-                    ("rotate", rotate_pair(shift_test)),
-                ):
-                    vthumbs = np.zeros((n, THUMB, THUMB), dtype=np.float16)
-
-                    def keep_v(i, s, score, amap, mask, image, vthumbs=vthumbs):
-                        vthumbs[i] = _thumb_map(amap)
-
-                    with RSSSampler() as vs:
-                        vreport = evaluate(
-                            detector, test_set, transform=fn, on_map=keep_v, progress=progress
-                        )
-                    new_rows.append(
-                        _row(
-                            method,
-                            test_set,
-                            variant,
-                            vreport,
-                            fit_s=fit_s,
-                            peak_mb=max(vs.peak_mb, sampler.peak_mb),
-                            model_mb=model_mb,
-                            config=config,
-                            sha=sha,
-                        )
-                    )
-                    arrays[f"scores_{variant}"] = vreport.scores
-                    arrays[f"thumbs_{variant}"] = vthumbs
-            _write_npz(run_dir / "predictions.npz", **arrays)
-            _write_json(run_dir / "curves.json", curves)
-            rows = [r for r in rows if (r["method"], r["category"]) != (method, test_set.name)]
-            rows.extend(new_rows)
-            write_results(out, rows, meta)
-            r = new_rows[0]
-            say(
-                f"{method} on {test_set.name}: image AUROC {_fmt(r['image_auroc']) or 'n/a'}, "
-                f"pixel AUROC {_fmt(r['pixel_auroc']) or 'n/a'}, AU-PRO "
-                f"{_fmt(r['aupro']) or 'n/a'} (fit {fit_s:.1f} s, "
-                f"{r['ms_per_image']:.0f} ms/img)"
-            )
+        r = new_rows[0]
+        say(
+            f"{method} on {test_set.name}: image AUROC {_fmt(r['image_auroc']) or 'n/a'}, "
+            f"pixel AUROC {_fmt(r['pixel_auroc']) or 'n/a'}, AU-PRO "
+            f"{_fmt(r['aupro']) or 'n/a'} (fit {r['fit_s']:.1f} s, "
+            f"{r['ms_per_image']:.0f} ms/img)"
+        )
     write_results(out, rows, meta)
     return json.loads(results.read_text())["rows"]

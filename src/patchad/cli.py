@@ -8,6 +8,7 @@ and its path printed, unless ``--debug`` shows the traceback).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -91,10 +92,15 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.calibration_dir is not None:
         calibration = _good_images(args.calibration_dir)
     _say(args, f"fitting {args.method} on {len(images)} images from {args.data}")
-    if hasattr(detector, "describe_memory"):
+    if hasattr(detector, "describe_memory") and args.ray is None:
         _say(args, detector.describe_memory(len(images)))
     start = time.perf_counter()
-    detector.fit(images, calibration=calibration, progress=not args.quiet, skip_bad=args.skip_bad)
+    if args.ray is not None:
+        _fit_on_ray(args, detector, images, calibration)
+    else:
+        detector.fit(
+            images, calibration=calibration, progress=not args.quiet, skip_bad=args.skip_bad
+        )
     if detector.is_calibrated:
         _say(
             args,
@@ -105,6 +111,33 @@ def cmd_fit(args: argparse.Namespace) -> int:
     detector.save(out, force=args.force)
     _summary(args, f"saved {out} ({time.perf_counter() - start:.1f} s)")
     return EXIT_OK
+
+
+def _fit_on_ray(args: argparse.Namespace, detector: Any, images: Any, calibration: Any) -> None:
+    from patchad import cluster
+    from patchad.sharded import fit_padim_sharded, fit_sharded
+
+    if args.method not in ("patchcore", "padim") or args.skip_bad:
+        raise PatchadError("--ray: fit supports patchcore and padim, without --skip-bad")
+    with cluster.session(args.ray):
+        runner = cluster.ray_shard_runner(cpus_per_task=args.cpus_per_task)
+        workers = cluster.workers(args.cpus_per_task)
+        say = lambda message: _say(args, message)  # noqa: E731
+        if args.method == "padim":
+            shards = max(1, int(workers))
+            fit_padim_sharded(
+                detector, images, calibration=calibration, shards=shards, runner=runner, say=say
+            )
+        else:
+            fit_sharded(
+                detector,
+                images,
+                calibration=calibration,
+                runner=runner,
+                workers=workers,
+                progress=not args.quiet,
+                say=say,
+            )
 
 
 def _summary(args: argparse.Namespace, message: str) -> None:
@@ -123,6 +156,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from patchad.images import resolve_sources
     from patchad.outputs import write_predictions
 
+    if args.resume and args.ray is None:
+        raise PatchadError("--resume: only with --ray")
     detector = load(args.model, weights=args.weights)
     if args.fail_on_anomaly and not detector.is_calibrated:
         raise PatchadError(
@@ -130,16 +165,33 @@ def cmd_predict(args: argparse.Namespace) -> int:
             "(run `patchad calibrate` first)"
         )
     paths = resolve_sources(args.paths)
-    out = ensure_out_dir(Path(args.out), args.force)
+    out = ensure_out_dir(Path(args.out), args.force or args.resume)
     with tqdm(total=len(paths), desc="predict", unit="img", disable=args.quiet, leave=False) as bar:
-        written = write_predictions(
-            detector.iter_predict(paths, skip_bad=args.skip_bad),
-            paths,
-            out,
-            sources=args.paths,
-            pixel_threshold=detector.pixel_threshold_ if detector.is_calibrated else None,
-            on_progress=bar.update,
-        )
+        if args.ray is not None:
+            from patchad import cluster
+
+            with cluster.session(args.ray):
+                written = cluster.predict(
+                    detector,
+                    args.model,
+                    paths,
+                    out,
+                    sources=args.paths,
+                    weights=args.weights,
+                    skip_bad=args.skip_bad,
+                    resume=args.resume,
+                    cpus_per_task=args.cpus_per_task,
+                    on_progress=bar.update,
+                )
+        else:
+            written = write_predictions(
+                detector.iter_predict(paths, skip_bad=args.skip_bad),
+                paths,
+                out,
+                sources=args.paths,
+                pixel_threshold=detector.pixel_threshold_ if detector.is_calibrated else None,
+                on_progress=bar.update,
+            )
     status = EXIT_OK
     if written.flagged is not None:
         _say(args, f"{written.flagged} of {written.scored} images anomalous (fpr {detector.fpr})")
@@ -298,20 +350,28 @@ def _run_benchmark(
     settings = _benchmark_settings(methods, args, base)
     for m in methods:
         DETECTORS[m](**settings[m])._validate()
-    run_benchmark(
-        data,
-        out,
-        methods=methods,
-        settings=settings,
-        categories=categories or None,
-        save_maps=args.save_maps,
-        resume=args.resume,
-        shift_test=args.shift_test,
-        allow_missing_masks=args.allow_missing_masks,
-        command="patchad " + " ".join(sys.argv[1:] if args.argv is None else args.argv),
-        progress=not args.quiet,
-        say=lambda message: _say(args, message),
-    )
+    runner, session = None, contextlib.nullcontext()
+    if getattr(args, "ray", None) is not None:
+        from patchad import cluster
+
+        runner = cluster.ray_runner(cpus_per_task=args.cpus_per_task)
+        session = cluster.session(args.ray)
+    with session:
+        run_benchmark(
+            data,
+            out,
+            methods=methods,
+            settings=settings,
+            categories=categories or None,
+            save_maps=args.save_maps,
+            resume=args.resume,
+            shift_test=args.shift_test,
+            allow_missing_masks=args.allow_missing_masks,
+            command="patchad " + " ".join(sys.argv[1:] if args.argv is None else args.argv),
+            progress=not args.quiet,
+            say=lambda message: _say(args, message),
+            runner=runner,
+        )
     _say(args, f"results written to {out}/results.json, results.csv, results.md")
     _maybe_report(args, out)
 
@@ -320,6 +380,10 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.shift_test is not None and args.shift_test < 1:
         raise PatchadError(f"--shift-test {args.shift_test}: must be a positive integer")
+    if args.ray is not None and args.save_maps is not None:
+        raise PatchadError("--save-maps: not supported with --ray (workers write no files)")
+    if not args.cpus_per_task > 0:
+        raise PatchadError(f"--cpus-per-task {args.cpus_per_task}: must be positive")
     ensure_out_dir(out, args.force or args.resume)
     if args.save_maps is not None:
         ensure_out_dir(Path(args.save_maps), args.force or args.resume)
@@ -447,6 +511,27 @@ def _say(args: argparse.Namespace, message: str) -> None:
         print(message, file=sys.stderr)
 
 
+def _ray_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="run on Ray (pip install 'patchad[ray]'): no value starts a local cluster, 'auto' "
+        "joins the one started with `ray start`, or HOST:PORT; data must be on shared storage",
+    )
+
+
+def _cpus_argument(parser: argparse.ArgumentParser, task: str) -> None:
+    parser.add_argument(
+        "--cpus-per-task",
+        type=float,
+        default=1.0,
+        metavar="N",
+        help=f"with --ray: CPUs reserved by each {task} (default 1)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from patchad import __version__
 
@@ -502,6 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument(
         "--skip-bad", action="store_true", help="skip unreadable images with a warning each"
     )
+    _ray_arguments(fit)
+    _cpus_argument(fit, "coreset shard task")
     fit.set_defaults(func=cmd_fit)
 
     predict = sub.add_parser("predict", help="score images; write scores, maps and overlays")
@@ -517,6 +604,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--fail-on-anomaly",
         action="store_true",
         help="exit with status 1 when any image is anomalous (needs a calibrated model)",
+    )
+    _ray_arguments(predict)
+    _cpus_argument(predict, "scoring actor")
+    predict.add_argument(
+        "--resume",
+        action="store_true",
+        help="with --ray: keep the batches an interrupted run into --out finished",
     )
     predict.set_defaults(func=cmd_predict)
 
@@ -562,6 +656,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--allow-missing-masks", action="store_true", help="see `patchad evaluate`")
     bench.add_argument("--out", required=True, help="output folder")
+    _ray_arguments(bench)
+    _cpus_argument(bench, "(category, method) task")
     bench.set_defaults(func=cmd_benchmark)
 
     calibrate = sub.add_parser(

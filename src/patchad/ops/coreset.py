@@ -222,6 +222,22 @@ def auto_shard_rows(num: int, n: int) -> int | None:
     return None if n * num <= EXACT_MAX_EVALUATIONS else AUTO_SHARD_ROWS
 
 
+def shard_quota(sizes: list[int], n: int) -> list[int]:
+    """Points each shard contributes to an ``n``-point coreset: proportional to its size,
+    rounded by largest remainders (ties to the earlier shard), summing to ``n``.
+
+    Args:
+        sizes: points in each shard, N_s.
+        n: total points to select, at most ``sum(sizes)``.
+    """
+    size = torch.tensor(sizes, dtype=torch.float64)
+    share = size * n / sum(sizes)
+    take = share.floor().long()
+    extra = n - int(take.sum())
+    take[torch.argsort(share - take, descending=True, stable=True)[:extra]] += 1
+    return take.tolist()
+
+
 def sharded_greedy_coreset(
     x: Tensor,
     n: int,
@@ -259,13 +275,9 @@ def sharded_greedy_coreset(
     if shards == 1:
         return greedy_coreset(x, n, generator=generator, progress=progress)
     parts = torch.randperm(num, generator=generator).tensor_split(shards)
-    sizes = torch.tensor([len(p) for p in parts], dtype=torch.float64)
-    share = sizes * n / num
-    take = share.floor().long()
-    extra = n - int(take.sum())
-    take[torch.argsort(share - take, descending=True, stable=True)[:extra]] += 1
+    take = shard_quota([len(p) for p in parts], n)
     chosen = []
-    for part, k in zip(parts, take.tolist(), strict=True):
+    for part, k in zip(parts, take, strict=True):
         if k > 0:
             local = greedy_coreset(x[part], k, generator=generator, progress=progress)
             chosen.append(part[local])

@@ -75,6 +75,27 @@ def accumulate(
     return moments._replace(count=moments.count + x.shape[0])
 
 
+def merge_moments(a: Moments, b: Moments) -> Moments:
+    """The sums of two disjoint sets of embeddings together, with ``a``'s shift (exact up to
+    rounding: with ``delta = K_b - K_a``, ``x - K_a = (x - K_b) + delta``); ``a`` is updated.
+
+    Args:
+        a, b: sums from :func:`accumulate` over the same positions and channels.
+
+    Returns:
+        The merged :class:`Moments` (``a``'s tensors).
+    """
+    delta = b.shift.double() - a.shift.double()  # (P, d)
+    s = b.sum.double()
+    outer = b.sum_outer.double()
+    outer += s[:, :, None] * delta[:, None, :]
+    outer += delta[:, :, None] * s[:, None, :]
+    outer += b.count * delta[:, :, None] * delta[:, None, :]
+    a.sum.add_((s + b.count * delta).to(a.sum.dtype))
+    a.sum_outer.add_(outer.to(a.sum_outer.dtype))
+    return a._replace(count=a.count + b.count)
+
+
 def mean_covariance(
     moments: Moments, epsilon: float = 0.0, positions: slice = slice(None)
 ) -> tuple[Tensor, Tensor]:

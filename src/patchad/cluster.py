@@ -1,0 +1,342 @@
+"""Running patchad's work on a Ray cluster: ``--ray [ADDRESS]`` of ``benchmark``, ``fit`` and
+``predict``.
+
+Ray is an optional extra (``pip install "patchad[ray]"``); only this module imports it, and only
+inside its functions, so ``import patchad`` and the CLI parser never load it. Every function here
+distributes work that a library function already defines (:func:`patchad.benchmark.run_cell`,
+:func:`patchad.sharded.select_shard`, ...); the driver, this process, alone writes the outputs.
+
+Paths are sent to the workers as they are: data and model files must be readable at the same
+path on every node (a shared filesystem), and patchad must be installed on every node.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from patchad.errors import PatchadError
+
+if TYPE_CHECKING:
+    from patchad.benchmark import Cell, CellResult, CellRunner
+    from patchad.sharded import ShardRunner
+
+#: Times Ray reruns a task whose worker process or node died (``max_retries``).
+MAX_RETRIES = 3
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise PatchadError('--ray: Ray is not installed (pip install "patchad[ray]")') from None
+    return ray
+
+
+def connect(address: str | None) -> bool:
+    """Join a Ray cluster, or start a local one; return whether this call started Ray (the
+    caller then calls :func:`disconnect` when done).
+
+    Args:
+        address: None (or ``"local"``) starts a new local cluster on this machine's CPUs,
+            ignoring any cluster already running; ``"auto"`` joins the cluster started on this
+            machine with ``ray start``; ``HOST:PORT`` or ``ray://HOST:PORT`` joins that one.
+            Already connected (``ray.init`` called by the caller): nothing is done.
+
+    Raises:
+        PatchadError: Ray is missing, or the cluster cannot be reached.
+    """
+    ray = _ray()
+    if ray.is_initialized():
+        return False
+    try:
+        ray.init(
+            address="local" if address in (None, "local") else address,
+            include_dashboard=False,
+            configure_logging=False,
+            log_to_driver=False,
+        )
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        message = " ".join(str(exc).split())
+        raise PatchadError(f"--ray {address or ''}: cannot start or join Ray ({message})") from None
+    return True
+
+
+def disconnect(started: bool) -> None:
+    """Shut Ray down if :func:`connect` started it."""
+    if started:
+        _ray().shutdown()
+
+
+@contextlib.contextmanager
+def session(address: str | None) -> Iterator[None]:
+    """:func:`connect` for the duration of a ``with`` block, then :func:`disconnect`."""
+    started = connect(address)
+    try:
+        yield
+    finally:
+        disconnect(started)
+
+
+def _failure(exc: BaseException, retries: int) -> str:
+    """One line naming why a task failed after its retries."""
+    ray = _ray()
+    if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause is not None:
+        exc = exc.cause
+        return " ".join(f"{type(exc).__name__}: {exc}".split())
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__} after {retries} retries: {first}"
+
+
+def ray_runner(
+    *, cpus_per_task: float = 1.0, max_retries: int = MAX_RETRIES
+) -> Callable[..., CellRunner]:
+    """A :data:`patchad.benchmark.CellRunner` factory that runs every benchmark cell as one Ray
+    task of :func:`patchad.benchmark.run_cell` reserving ``cpus_per_task`` CPUs.
+
+    A task whose worker or node dies is rerun up to ``max_retries`` times (Ray's
+    ``max_retries``); a task that raises (bad data: the same input fails again) or is still lost
+    after its retries becomes a failed row, and the other cells go on. Results arrive in the
+    order the cells finish; the driver writes each as it comes.
+    """
+
+    def make(
+        settings: dict[str, dict[str, Any]],
+        *,
+        shift_test: int | None,
+        save_maps: Any,
+        sha: str,
+        progress: bool,
+        say: Callable[[str], None],
+    ) -> CellRunner:
+        ray = _ray()
+        from patchad.benchmark import run_cell
+
+        if save_maps is not None:
+            raise PatchadError("--save-maps: not supported with --ray (workers write no files)")
+        task = ray.remote(run_cell).options(
+            num_cpus=cpus_per_task, max_retries=max_retries, retry_exceptions=False
+        )
+
+        def run(cells: list[Cell]) -> Iterator[tuple[Cell, CellResult | str]]:
+            refs = {
+                task.remote(
+                    test_set,
+                    method,
+                    settings.get(method, {}),
+                    shift_test=shift_test,
+                    sha=sha,
+                    progress=False,
+                ): (test_set, method)
+                for test_set, method in cells
+            }
+            if refs:
+                cpus = ray.cluster_resources().get("CPU", 0)
+                say(
+                    f"submitted {len(refs)} cells to Ray ({cpus:g} CPUs, {cpus_per_task:g} per "
+                    "cell)"
+                )
+            return _collect(ray, refs, max_retries)
+
+        return run
+
+    return make
+
+
+def _collect(
+    ray: Any, refs: dict[Any, Cell], retries: int
+) -> Iterator[tuple[Cell, CellResult | str]]:
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        for ref in ready:
+            try:
+                result: CellResult | str = ray.get(ref)
+            except ray.exceptions.RayError as exc:
+                result = _failure(exc, retries)
+            yield refs[ref], result
+
+
+def workers(cpus_per_task: float) -> float:
+    """Tasks of ``cpus_per_task`` CPUs the connected cluster runs at once."""
+    return float(_ray().cluster_resources().get("CPU", 0) // cpus_per_task)
+
+
+def ray_shard_runner(*, cpus_per_task: float = 1.0, max_retries: int = MAX_RETRIES) -> ShardRunner:
+    """A :data:`patchad.sharded.ShardRunner` running each shard of a sharded fit
+    (:func:`patchad.sharded.select_shard`, :func:`patchad.sharded.padim_moments`) as one Ray
+    task (a lost task is rerun up to ``max_retries`` times); the results come back to the
+    driver in shard order.
+
+    Raises:
+        PatchadError: a shard failed (bad data, or lost after its retries).
+    """
+    ray = _ray()
+
+    def run(function: Callable[..., Any], jobs: list[tuple[Any, ...]]) -> list[Any]:
+        task = ray.remote(function).options(
+            num_cpus=cpus_per_task, max_retries=max_retries, retry_exceptions=False
+        )
+        refs = [task.remote(*job) for job in jobs]
+        try:
+            return ray.get(refs)
+        except ray.exceptions.RayError as exc:
+            for ref in refs:
+                ray.cancel(ref, force=True)
+            raise PatchadError(f"fit --ray: a shard failed: {_failure(exc, max_retries)}") from None
+
+    return run
+
+
+#: ``predict --ray`` records each batch written here (removed when the run completes), so that
+#: ``--resume`` rescoring nothing that is done.
+JOURNAL = "predict-progress.jsonl"
+
+
+class Scorer:
+    """A Ray actor's state: one detector, loaded once, scoring batches of image files."""
+
+    def __init__(self, model: str, weights: str | None, skip_bad: bool) -> None:
+        from patchad.detectors import load
+
+        self.detector = load(model, weights=weights)
+        self.skip_bad = skip_bad
+
+    def score(self, paths: list[str]) -> tuple[list[str], Any, list[Any]]:
+        """Names, raw scores (B,) float32 and maps of the readable images of ``paths``."""
+        import numpy as np
+
+        names: list[str] = []
+        scores: list[Any] = []
+        maps: list[Any] = []
+        for part in self.detector.iter_predict(paths, skip_bad=self.skip_bad):
+            names.extend(part.names)
+            scores.append(part.scores)
+            maps.extend(part.maps)
+        joined = np.concatenate(scores) if scores else np.zeros(0, dtype=np.float32)
+        return names, joined, maps
+
+
+def _read_journal(path: Path, batches: list[list[int]]) -> dict[int, tuple[list[int], list[float]]]:
+    """Finished batches of an earlier run: batch number -> (input indices, scores)."""
+    import json
+
+    done: dict[int, tuple[list[int], list[float]]] = {}
+    if not path.exists():
+        return done
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+            k, index, scores = int(entry["batch"]), entry["index"], entry["scores"]
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by the interruption
+        if k < len(batches) and set(index) <= set(batches[k]) and len(index) == len(scores):
+            done[k] = ([int(i) for i in index], [float(s) for s in scores])
+    return done
+
+
+def predict(
+    detector: Any,
+    model: str | Path,
+    paths: list[Path],
+    out: Path,
+    *,
+    sources: list[str] | None = None,
+    weights: str | None = None,
+    skip_bad: bool = False,
+    resume: bool = False,
+    cpus_per_task: float = 1.0,
+    max_retries: int = MAX_RETRIES,
+    on_progress: Callable[[int], None] | None = None,
+) -> Any:
+    """``patchad predict`` on Ray: batches of ``detector.batch_size`` input paths scored by
+    actors that each load the model once; this process feeds the results, in input order, to
+    :func:`patchad.outputs.write_predictions`, so the files are those of a local run.
+
+    An actor whose process dies is restarted and its batch rerun (up to ``max_retries``
+    times). Each written batch is recorded in ``out/predict-progress.jsonl``; with ``resume``,
+    batches recorded there are read back from ``maps/`` instead of being scored again. The
+    record is removed when the run completes.
+
+    Args:
+        detector: the loaded model (its thresholds make the decisions, here).
+        model: its file, loaded by every actor (a path every node can read).
+        paths: input image files, in order.
+        out: output folder (exists).
+        sources: what the user named, for the output names.
+        weights: backbone weights file for the actors.
+        skip_bad: skip unreadable images instead of stopping.
+        resume: keep the batches recorded by an interrupted run.
+        cpus_per_task: CPUs each actor reserves; the cluster's CPUs / this = actors.
+
+    Returns:
+        :class:`patchad.outputs.WrittenOutputs`.
+    """
+    import json
+
+    import numpy as np
+
+    from patchad.outputs import output_names, write_predictions
+
+    ray = _ray()
+    from ray.util import ActorPool
+
+    size = detector.batch_size
+    batches = [list(range(i, min(i + size, len(paths)))) for i in range(0, len(paths), size)]
+    journal = out / JOURNAL
+    done = _read_journal(journal, batches) if resume else {}
+    if not resume:
+        journal.unlink(missing_ok=True)
+    names = output_names(paths, sources)
+    todo = [k for k in range(len(batches)) if k not in done]
+    actor = ray.remote(Scorer).options(
+        num_cpus=cpus_per_task, max_restarts=max_retries, max_task_retries=max_retries
+    )
+    count = max(1, min(len(todo), int(workers(cpus_per_task))))
+    actors = [actor.remote(str(model), weights, skip_bad) for _ in range(count if todo else 0)]
+
+    def submit(a: Any, k: int) -> Any:
+        return a.score.remote([str(paths[i]) for i in batches[k]])
+
+    scored = ActorPool(actors).map(submit, todo) if todo else iter(())
+
+    def parts() -> Any:
+        with open(journal, "a") as log:
+            for k in range(len(batches)):
+                if k in done:
+                    index, scores = done[k]
+                    maps = [np.load(out / "maps" / f"{names[i]}.npy") for i in index]
+                    values = np.array(scores, dtype=np.float32)
+                else:
+                    try:
+                        got, values, maps = next(scored)
+                    except ray.exceptions.RayError as exc:
+                        cause = getattr(exc, "cause", None)
+                        if isinstance(cause, PatchadError):
+                            raise PatchadError(str(cause)) from None
+                        raise PatchadError(_failure(exc, max_retries)) from None
+                    index, pending = [], iter(batches[k])
+                    for name in got:  # the batch's readable images, in order
+                        index.append(next(i for i in pending if str(paths[i]) == name))
+                yield detector._decide(values, maps, [str(paths[i]) for i in index])
+                # write_predictions asks for the next part once this one's files are written
+                entry = {"batch": k, "index": index, "scores": [float(s) for s in values]}
+                log.write(json.dumps(entry) + "\n")
+                log.flush()
+
+    try:
+        written = write_predictions(
+            parts(),
+            paths,
+            out,
+            sources=sources,
+            pixel_threshold=detector.pixel_threshold_ if detector.is_calibrated else None,
+            on_progress=on_progress,
+        )
+    finally:
+        for a in actors:
+            ray.kill(a)
+    journal.unlink(missing_ok=True)
+    return written

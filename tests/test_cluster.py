@@ -1,0 +1,277 @@
+"""``--ray`` on a simulated two-node cluster (``ray.cluster_utils.Cluster``, 1 CPU per node):
+results equal to local runs, failed cells, resume, and a worker killed mid-run.
+
+One cluster for the whole module (started once, always shut down); skipped without Ray.
+Local references run with ``--threads 1``: a 1-CPU Ray task runs torch on one thread, and
+floating-point sums differ in their last bits between thread counts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from patchad.cli import main  # noqa: E402
+
+FAST = ["--set", "image_size=64", "--set", "coreset_ratio=0.25", "--backbone"]
+FAST += ["tf_efficientnet_lite0"]
+METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1_max", "n_train", "n_test", "per_type")
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    """Two nodes of 1 CPU on this machine; the test process is connected as the driver."""
+    if ray.is_initialized():
+        ray.shutdown()
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        c.add_node(num_cpus=1)
+        ray.init(address=c.address, log_to_driver=False)
+        yield c
+    finally:
+        ray.shutdown()
+        c.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads() -> Iterator[None]:
+    """``main(["--threads", "1", ...])`` sets torch's thread count for the process: restore it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _rows(out: Path) -> list[dict]:
+    return json.loads((out / "results.json").read_text())["rows"]
+
+
+def _key(r: dict) -> tuple[str, str, str]:
+    return (r["method"], r["category"], r["variant"])
+
+
+def _raylet_pids(c: Cluster) -> set[int]:
+    nodes = [c.head_node, *c.worker_nodes]
+    return {n.all_processes["raylet"][0].process.pid for n in nodes}
+
+
+def _tasks_running(c: Cluster, name: str) -> list[int]:
+    """Pids of this cluster's worker processes now running task ``name``."""
+    parents = _raylet_pids(c)
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid in parents and cmd.startswith(f"ray::{name}".encode()):
+            found.append(int(entry))
+    return found
+
+
+class _Killer(threading.Thread):
+    """Kills (SIGKILL) the first worker process seen running task ``name``, once."""
+
+    def __init__(self, c: Cluster, name: str, wait: float = 0.5, timeout: float = 120.0) -> None:
+        super().__init__(daemon=True)
+        self.c, self.name, self.wait, self.timeout = c, name, wait, timeout
+        self.killed: int | None = None
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        end = time.monotonic() + self.timeout
+        while not self.stop.is_set() and time.monotonic() < end:
+            pids = _tasks_running(self.c, self.name)
+            if pids:
+                time.sleep(self.wait)  # let it get into the work
+                if pids[0] in _tasks_running(self.c, self.name):
+                    os.kill(pids[0], signal.SIGKILL)
+                    self.killed = pids[0]
+                    return
+            time.sleep(0.05)
+
+
+def test_benchmark_equals_local_failed_cell_and_resume(
+    cluster: Cluster, demo_root: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(demo_root, data)
+    shutil.copytree(data / "object", data / "broken")
+    bad = sorted((data / "broken" / "train" / "good").iterdir())[3]
+    good_bytes = bad.read_bytes()
+    bad.write_bytes(b"not an image")
+    args = ["-q", "benchmark", "--data", str(data), "--methods", "patchcore,padim", *FAST]
+    local, remote = tmp_path / "local", tmp_path / "ray"
+    assert (
+        main(["--threads", "1", *args, "--categories", "object,texture", "--out", str(local)]) == 0
+    )
+    assert main([*args, "--out", str(remote), "--ray", cluster.address]) == 0
+    want = {_key(r): r for r in _rows(local)}
+    got = {_key(r): r for r in _rows(remote)}
+    assert len(_rows(remote)) == len(got) == 8  # 3 categories + mean, x 2 methods; no duplicate
+    for key, row in want.items():
+        assert all(got[key][m] == row[m] for m in METRICS), key
+        assert "error" not in got[key]
+    for method in ("patchcore", "padim"):
+        failed = got[(method, "broken", "original")]
+        assert "broken" in failed["error"]
+        assert failed["image_auroc"] is None
+        assert not (remote / "models" / f"{method}__broken.safetensors").exists()
+        local_pred = np.load(local / "runs" / method / "object" / "predictions.npz")
+        remote_pred = np.load(remote / "runs" / method / "object" / "predictions.npz")
+        assert np.array_equal(local_pred["scores"], remote_pred["scores"])
+    assert (remote / "report.html").is_file()
+    assert (remote / "runs" / "_images" / "broken.npz").is_file()
+    # resume: only the failed cells run again
+    bad.write_bytes(good_bytes)
+    assert main([*args, "--out", str(remote), "--ray", cluster.address, "--resume"]) == 0
+    again = {_key(r): r for r in _rows(remote)}
+    assert len(again) == 8
+    assert not any("error" in r for r in again.values())
+    for key in want:
+        if key[1] != "mean":
+            assert again[key]["fit_s"] == got[key]["fit_s"], key  # not refitted
+    for method in ("patchcore", "padim"):
+        fixed = again[(method, "broken", "original")]
+        assert fixed["image_auroc"] == want[(method, "object", "original")]["image_auroc"]
+
+
+def test_benchmark_survives_killed_worker(
+    cluster: Cluster, demo_root: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "ray"
+    args = ["-q", "benchmark", "--data", str(demo_root), "--methods", "patchcore", *FAST]
+    killer = _Killer(cluster, "run_cell")
+    killer.start()
+    try:
+        assert main([*args, "--out", str(out), "--ray", cluster.address]) == 0
+    finally:
+        killer.stop.set()
+        killer.join()
+    assert killer.killed is not None
+    rows = _rows(out)
+    assert sorted(_key(r) for r in rows) == sorted(
+        ("patchcore", c, "original") for c in ("mean", "object", "texture")
+    )
+    assert not any("error" in r for r in rows)
+
+
+def test_fit_bank_equals_local_sharded_fit(
+    cluster: Cluster, demo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    from patchad import PatchCore, load
+    from patchad.data import training_images
+    from patchad.sharded import fit_sharded
+
+    model = tmp_path / "m.safetensors"
+    settings = ["--set", "image_size=64", "--set", "coreset_shard_size=1000"]
+    settings += ["--calibration-dir", str(demo_root / "texture" / "test" / "good")]
+    args = ["fit", "--data", str(demo_root / "texture"), "--backbone", "tf_efficientnet_lite0"]
+    assert main([*args, *settings, "--out", str(model), "--ray", cluster.address]) == 0
+    assert "16 images -> 2 shards of <= 15 images" in capsys.readouterr().err
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        det = PatchCore(backbone="tf_efficientnet_lite0", image_size=64, coreset_shard_size=1000)
+        calibration = training_images(demo_root / "texture" / "test" / "good")
+        want = fit_sharded(det, training_images(demo_root / "texture"), calibration=calibration)
+    finally:
+        torch.set_num_threads(threads)
+    got = load(model)
+    assert torch.equal(got.memory_bank_, want.memory_bank_)
+    assert got.is_calibrated
+    # calibration ran in the driver with its own thread count: equal up to rounding
+    assert got.image_threshold_ == pytest.approx(want.image_threshold_, rel=1e-5)
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_predict_equals_local_killed_actor_and_resume(
+    cluster: Cluster, fitted, demo_root: Path, tmp_path: Path
+) -> None:
+    from patchad import load
+
+    fitted.save(tmp_path / "fitted.safetensors")
+    det = load(tmp_path / "fitted.safetensors")
+    det.batch_size = 2  # 5 batches of the 10 test images
+    model = str(tmp_path / "m.safetensors")
+    det.save(model)
+    data = tmp_path / "test"
+    shutil.copytree(demo_root / "object" / "test", data)
+    local, remote = tmp_path / "local", tmp_path / "ray"
+    args = ["-q", "predict", "--model", model, str(data)]
+    assert main(["--threads", "1", *args, "--out", str(local)]) == 0
+    killer = _Killer(cluster, "Scorer.score", wait=0.05)
+    killer.start()
+    try:
+        assert main([*args, "--out", str(remote), "--ray", cluster.address]) == 0
+    finally:
+        killer.stop.set()
+        killer.join()
+    assert killer.killed is not None
+    want = _tree(local)
+    assert "masks/good/000.png" in want
+    assert _tree(remote) == want  # byte for byte, JOURNAL removed
+    # an interrupted run: stops at an unreadable image in the last batch
+    paths = sorted(p for p in data.rglob("*.png"))
+    last = paths[9]
+    saved = last.read_bytes()
+    last.write_bytes(b"broken")
+    again = tmp_path / "again"
+    assert main([*args, "--out", str(again), "--ray", cluster.address]) == 2
+    journal = again / "predict-progress.jsonl"
+    assert len(journal.read_text().splitlines()) == 4
+    assert not (again / "scores.csv").exists()
+    last.write_bytes(saved)
+    # what is done is not scored again: a changed image in batch 0 keeps its recorded score
+    paths[0].write_bytes(paths[1].read_bytes())
+    assert main([*args, "--out", str(again), "--ray", cluster.address, "--resume"]) == 0
+    got = _tree(again)
+    assert set(got) == set(want)
+    assert got["scores.csv"] == want["scores.csv"]
+    assert got["results.jsonl"] == want["results.jsonl"]
+    for name, content in want.items():
+        if not name.startswith("overlays/good/000"):  # the overlay is drawn on the new image
+            assert got[name] == content, name
+
+
+def test_padim_fit_on_ray_matches_local(
+    cluster: Cluster, demo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from patchad import PaDiM, load
+    from patchad.data import training_images
+
+    model = tmp_path / "p.safetensors"
+    data = demo_root / "object"
+    args = ["fit", "--method", "padim", "--data", str(data), "--set", "image_size=64"]
+    args += ["--backbone", "tf_efficientnet_lite0", "--calibration-split", "0"]
+    assert main([*args, "--out", str(model), "--ray", cluster.address]) == 0
+    assert "plan: 16 images -> 2 shards of <= 8 images" in capsys.readouterr().err
+    images = training_images(data)
+    want = PaDiM(backbone="tf_efficientnet_lite0", image_size=64, calibration_split=0.0)
+    want.fit(images)
+    got = load(model)
+    assert got.predict(images[:4]).scores == pytest.approx(
+        want.predict(images[:4]).scores, rel=1e-3
+    )
