@@ -529,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _one_line_warnings(skipped: list[str]) -> Any:
     """A ``warnings.showwarning`` that prints ``patchad: warning: ...`` on one line and records
     skipped images."""
-    from patchad.loading import SkippedImageWarning
+    from patchad.batching import SkippedImageWarning
 
     def show(message: Any, category: type[Warning], *_: Any, **__: Any) -> None:
         if issubclass(category, SkippedImageWarning):
