@@ -1,4 +1,4 @@
-"""The ``patchad`` command line: ``fit``, ``predict``, ``calibrate`` and ``demo``.
+"""The ``patchad`` command line: ``fit``, ``predict``, ``export``, ``calibrate`` and ``demo``.
 
 Exit codes: 0 success; 1 anomalies found (``predict --fail-on-anomaly``); 2 usage or input
 error (one line on stderr, no traceback); 3 internal error (a crash report is written to a file
@@ -119,11 +119,19 @@ def _summary(args: argparse.Namespace, message: str) -> None:
 def cmd_predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from patchad.detectors import load
     from patchad.images import resolve_sources
     from patchad.outputs import write_predictions
 
-    detector = load(args.model, weights=args.weights)
+    if Path(args.model).suffix.lower() == ".onnx":
+        from patchad.runtime import load as load_onnx
+
+        if args.weights is not None:
+            raise PatchadError(f"{args.model}: --weights does not apply to an exported model")
+        detector: Any = load_onnx(args.model, threads=args.threads)
+    else:
+        from patchad.detectors import load
+
+        detector = load(args.model, weights=args.weights)
     if args.fail_on_anomaly and not detector.is_calibrated:
         raise PatchadError(
             f"{args.model}: not calibrated, so --fail-on-anomaly has no threshold "
@@ -147,6 +155,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
             status = EXIT_ANOMALY
     _summary(args, f"scored {written.scored} images -> {out}/: {', '.join(written.files)}")
     return status
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    try:
+        from patchad.export import export_model_file
+    except ImportError as exc:
+        raise PatchadError(
+            f"export needs torch and timm ({exc.name} is not installed): pip install patchad"
+        ) from None
+    start = time.perf_counter()
+    out = export_model_file(args.model, args.out, force=args.force, weights=args.weights)
+    size = out.stat().st_size / 2**20
+    _say(args, f"exported {out} ({size:.1f} MiB, {time.perf_counter() - start:.1f} s)")
+    return EXIT_OK
 
 
 def _good_images(folder: str) -> list[Path]:
@@ -431,7 +453,11 @@ def build_parser() -> argparse.ArgumentParser:
     fit.set_defaults(func=cmd_fit)
 
     predict = sub.add_parser("predict", help="score images; write scores, maps and overlays")
-    predict.add_argument("--model", required=True, help="model file from `patchad fit`")
+    predict.add_argument(
+        "--model",
+        required=True,
+        help="model file from `patchad fit` (.safetensors) or `patchad export` (.onnx)",
+    )
     predict.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     predict.add_argument("--out", required=True, help="output folder")
     predict.add_argument("--weights", help="backbone weights file, if not where it was at fit")
@@ -445,6 +471,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit with status 1 when any image is anomalous (needs a calibrated model)",
     )
     predict.set_defaults(func=cmd_predict)
+
+    export = sub.add_parser(
+        "export", help="write a fitted model as one ONNX file for the torch-free runtime"
+    )
+    export.add_argument("--model", required=True, help="model file from `patchad fit`")
+    export.add_argument("--out", required=True, help="ONNX file to write (.onnx)")
+    export.add_argument("--weights", help="backbone weights file, if not where it was at fit")
+    export.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    export.set_defaults(func=cmd_export)
 
     evaluate = sub.add_parser("evaluate", help="metrics of a model on a test set, as JSON")
     evaluate.add_argument("--model", required=True, help="model file from `patchad fit`")
@@ -559,9 +594,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.threads is not None:
             if args.threads < 1:
                 raise PatchadError(f"--threads must be >= 1, got {args.threads}")
-            import torch
-
-            torch.set_num_threads(args.threads)
+            try:
+                import torch
+            except ImportError:  # the torch-free runtime takes --threads itself
+                pass
+            else:
+                torch.set_num_threads(args.threads)
         from patchad.images import get_max_pixels, set_max_pixels
 
         previous_limit = get_max_pixels()

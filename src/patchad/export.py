@@ -319,7 +319,12 @@ def export_onnx(
     Raises:
         PatchadError: ``out`` exists without ``force``, or the detector cannot be exported.
     """
-    import onnx
+    try:
+        import onnx
+    except ImportError:
+        raise PatchadError(
+            "export needs the onnx package: pip install onnx (or pip install 'patchad[onnx]')"
+        ) from None
 
     from patchad.atomic import atomic_write_bytes
 

@@ -18,9 +18,7 @@ def resized_size(width: int, height: int, image_size: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def crop_box(
-    width: int, height: int, image_size: int, crop_size: int
-) -> tuple[int, int, int, int]:
+def crop_box(width: int, height: int, image_size: int, crop_size: int) -> tuple[int, int, int, int]:
     """(left, top, right, bottom) of the centre ``crop_size`` square in the resized image."""
     new_w, new_h = resized_size(width, height, image_size)
     left = (new_w - crop_size) // 2

@@ -54,9 +54,7 @@ class ExportedModel:
         fpr, image_threshold_, pixel_threshold_: the calibration, when the model has one.
     """
 
-    def __init__(
-        self, path: Path, metadata: dict[str, Any], session: Any, batch_size: int
-    ) -> None:
+    def __init__(self, path: Path, metadata: dict[str, Any], session: Any, batch_size: int) -> None:
         self.path = path
         self.metadata = metadata
         self.method = str(metadata["method"])
