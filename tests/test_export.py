@@ -258,6 +258,15 @@ def test_cli_predict_onnx_writes_the_same_files(exported, demo_root: Path, tmp_p
     rec = [[json.loads(line) for line in (outs[k] / "results.jsonl").read_text().splitlines()]
            for k in ("torch", "onnx")]  # fmt: skip
     assert [r["anomalous"] for r in rec[0]] == [r["anomalous"] for r in rec[1]]
+    metrics = {}
+    for kind, m in (("torch", model), ("onnx", onnx_path)):
+        out = tmp_path / f"{kind}.json"
+        argv = ["-q", "evaluate", "--model", str(m), "--data", str(demo_root / "object")]
+        assert main([*argv, "--out", str(out)]) == 0
+        metrics[kind] = json.loads(out.read_text())
+    for key in ("image_auroc", "pixel_auroc", "aupro"):
+        assert abs(metrics["torch"][key] - metrics["onnx"][key]) <= METRIC_TOL
+    assert metrics["torch"]["at_threshold"] == metrics["onnx"]["at_threshold"]
 
 
 def _rewrite_metadata(src: Path, dst: Path, change, *, fix_checksum: bool) -> None:

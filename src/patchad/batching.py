@@ -12,6 +12,7 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -29,14 +30,14 @@ class SkippedImageWarning(UserWarning):
     """An unreadable image was skipped (``skip_bad=True``); the message names the file."""
 
 
+@dataclass(frozen=True)
 class Loaded(Generic[T]):
     """One batch: the preprocessed inputs, the original (width, height) of each image, and its
     name (the file path, or ``"<image i>"`` for in-memory images)."""
 
-    def __init__(self, inputs: list[T], sizes: list[tuple[int, int]], names: list[str]) -> None:
-        self.inputs = inputs
-        self.sizes = sizes
-        self.names = names
+    inputs: list[T]
+    sizes: list[tuple[int, int]]
+    names: list[str]
 
 
 def as_items(images: Images) -> list[ImageLike]:

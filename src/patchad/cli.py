@@ -116,22 +116,26 @@ def _summary(args: argparse.Namespace, message: str) -> None:
         _say(args, message)
 
 
+def _load_model(args: argparse.Namespace) -> Any:
+    """The ``--model``: an exported ``.onnx`` through the torch-free runtime, else a detector."""
+    if Path(args.model).suffix.lower() == ".onnx":
+        from patchad.runtime import load as load_onnx
+
+        if args.weights is not None:
+            raise PatchadError(f"{args.model}: --weights does not apply to an exported model")
+        return load_onnx(args.model, threads=args.threads)
+    from patchad.detectors import load
+
+    return load(args.model, weights=args.weights)
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from patchad.images import resolve_sources
     from patchad.outputs import write_predictions
 
-    if Path(args.model).suffix.lower() == ".onnx":
-        from patchad.runtime import load as load_onnx
-
-        if args.weights is not None:
-            raise PatchadError(f"{args.model}: --weights does not apply to an exported model")
-        detector: Any = load_onnx(args.model, threads=args.threads)
-    else:
-        from patchad.detectors import load
-
-        detector = load(args.model, weights=args.weights)
+    detector = _load_model(args)
     if args.fail_on_anomaly and not detector.is_calibrated:
         raise PatchadError(
             f"{args.model}: not calibrated, so --fail-on-anomaly has no threshold "
@@ -207,7 +211,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
     from patchad.datasets import load_category
-    from patchad.detectors import load
     from patchad.evaluate import evaluate
 
     if args.out is not None and Path(args.out).exists() and not args.force:
@@ -217,7 +220,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.eval_size is not None and args.eval_size < 1:
         raise PatchadError(f"--eval-size {args.eval_size}: must be a positive integer")
     test_set = load_category(args.data, allow_missing_masks=args.allow_missing_masks)
-    detector = load(args.model, weights=args.weights)
+    detector = _load_model(args)
     report = evaluate(
         detector,
         test_set,
@@ -409,7 +412,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest image decoded, in pixels (default 150,000,000; 0 = no limit)",
     )
     parser.add_argument(
-        "--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's choice)"
+        "--threads",
+        type=int,
+        metavar="N",
+        help="CPU threads for torch or onnxruntime (default: their choice)",
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -482,7 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=cmd_export)
 
     evaluate = sub.add_parser("evaluate", help="metrics of a model on a test set, as JSON")
-    evaluate.add_argument("--model", required=True, help="model file from `patchad fit`")
+    evaluate.add_argument(
+        "--model", required=True, help="model file (.safetensors, or .onnx from `patchad export`)"
+    )
     evaluate.add_argument("--data", required=True, help="category folder (MVTec or plain layout)")
     evaluate.add_argument(
         "--save-maps", metavar="DIR", help="write DIR/<type>/<name>.npy, scores.csv"

@@ -411,6 +411,9 @@ def export_model_file(
     """Load a ``.safetensors`` model file and export it (see :func:`export_onnx`)."""
     from patchad.detectors import load
 
+    target = Path(out)
+    if target.exists() and not force:
+        raise PatchadError(f"{target}: already exists (use --force to overwrite)")
     try:
         detector = load(model, weights=weights)
     except PatchadError as exc:
