@@ -164,6 +164,7 @@ def load(
     batch_size: int | None = None,
     threads: int | None = None,
     providers: list[str] | None = None,
+    arena: bool = False,
 ) -> ExportedModel:
     """Open a model written by ``patchad export``.
 
@@ -172,6 +173,9 @@ def load(
         batch_size: images per run (default: the fitted model's ``batch_size``).
         threads: onnxruntime intra-op threads (default: onnxruntime's choice).
         providers: onnxruntime execution providers (default: CPU).
+        arena: keep onnxruntime's CPU memory arena. Off by default: with it, the arena keeps
+            the largest activations of every run, and on bottle (lite0, 256 px, batch 8) the
+            peak RSS of a PatchCore predict was 522 MiB instead of 314 MiB.
 
     Raises:
         PatchadError: onnxruntime is missing, or the file is missing, truncated, modified, not
@@ -184,6 +188,7 @@ def load(
     if threads is not None:
         options.intra_op_num_threads = threads
     options.log_severity_level = 3
+    options.enable_cpu_mem_arena = arena
     try:
         session = ort.InferenceSession(
             str(p), sess_options=options, providers=providers or ["CPUExecutionProvider"]
