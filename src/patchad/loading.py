@@ -3,23 +3,22 @@ decoding overlapped with compute in a small thread pool."""
 
 from __future__ import annotations
 
-import os
-import warnings
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from PIL import Image
 from torch import Tensor
 
-from patchad.errors import PatchadError
-from patchad.images import list_images, read_image, to_rgb
+from patchad.batching import (
+    ImageLike,
+    Images,
+    SkippedImageWarning,
+    as_items,
+    iter_loaded,
+)
 
-ImageLike = str | os.PathLike[str] | Image.Image
-Images = ImageLike | Sequence[ImageLike]
+__all__ = ["Batch", "ImageLike", "Images", "SkippedImageWarning", "as_items", "iter_batches"]
 
 
 @dataclass(frozen=True)
@@ -37,34 +36,6 @@ class Batch:
     names: list[str]
 
 
-def as_items(images: Images) -> list[ImageLike]:
-    """Expand folders into their image files; keep files and PIL images as they are."""
-    if isinstance(images, (str, os.PathLike, Image.Image)):
-        images = [images]
-    items: list[ImageLike] = []
-    for item in images:
-        if isinstance(item, Image.Image):
-            items.append(item)
-        elif Path(item).is_dir():
-            items.extend(list_images(item))
-        else:
-            items.append(Path(item))
-    if not items:
-        raise PatchadError("no images given")
-    return items
-
-
-def _load(
-    item: ImageLike, preprocess: Callable[[Image.Image], Tensor]
-) -> tuple[Tensor, tuple[int, int]]:
-    image = to_rgb(item) if isinstance(item, Image.Image) else read_image(item)
-    return preprocess(image), image.size
-
-
-class SkippedImageWarning(UserWarning):
-    """An unreadable image was skipped (``skip_bad=True``); the message names the file."""
-
-
 def iter_batches(
     items: Sequence[ImageLike],
     preprocess: Callable[[Image.Image], Tensor],
@@ -73,7 +44,8 @@ def iter_batches(
     workers: int = 2,
     skip_bad: bool = False,
 ) -> Iterator[Batch]:
-    """Decode and preprocess images in threads, at most two batches ahead of the consumer.
+    """Decode and preprocess images in threads, at most two batches ahead of the consumer
+    (:func:`patchad.batching.iter_loaded`), stacked into tensors.
 
     Args:
         skip_bad: skip images that cannot be read, with a :class:`SkippedImageWarning` each,
@@ -82,45 +54,5 @@ def iter_batches(
     Raises:
         PatchadError: an image cannot be read (without ``skip_bad``), or none can (with it).
     """
-    names = [
-        str(i) if not isinstance(i, Image.Image) else f"<image {n}>" for n, i in enumerate(items)
-    ]
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending: deque[tuple[int, Future[tuple[Tensor, tuple[int, int]]]]] = deque()
-        submitted = 0
-        yielded = 0
-        skipped: list[str] = []
-
-        def top_up() -> None:
-            nonlocal submitted
-            while submitted < len(items) and len(pending) < 2 * batch_size:
-                pending.append((submitted, pool.submit(_load, items[submitted], preprocess)))
-                submitted += 1
-
-        top_up()
-        while pending:
-            loaded, batch_names = [], []
-            while pending and len(loaded) < batch_size:
-                index, future = pending.popleft()
-                try:
-                    loaded.append(future.result())
-                    batch_names.append(names[index])
-                except PatchadError as exc:
-                    if not skip_bad:
-                        for _, rest in pending:
-                            rest.cancel()
-                        raise
-                    skipped.append(names[index])
-                    warnings.warn(f"{exc}; skipped", SkippedImageWarning, stacklevel=2)
-                top_up()
-            if loaded:
-                yielded += len(loaded)
-                yield Batch(
-                    images=torch.stack([t for t, _ in loaded]),
-                    sizes=[s for _, s in loaded],
-                    names=batch_names,
-                )
-        if not yielded:
-            raise PatchadError(
-                f"none of the {len(items)} images could be read (first: {skipped[0]})"
-            )
+    for part in iter_loaded(items, preprocess, batch_size, workers=workers, skip_bad=skip_bad):
+        yield Batch(images=torch.stack(part.inputs), sizes=part.sizes, names=part.names)

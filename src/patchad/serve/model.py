@@ -5,7 +5,6 @@ serves an exported runtime model as well as a detector."""
 from __future__ import annotations
 
 import hashlib
-import importlib
 import os
 from pathlib import Path
 from typing import Any
@@ -13,50 +12,10 @@ from typing import Any
 import numpy as np
 
 from patchad.errors import PatchadError
+from patchad.models import MODEL_SUFFIXES, check_model_path, load_model
 
-MODEL_SUFFIXES = (".safetensors", ".onnx")
-
-
-def check_model_path(path: str | os.PathLike[str]) -> Path:
-    """The model file, checked to exist and to have a suffix :func:`load_model` reads.
-
-    Raises:
-        PatchadError: missing, a folder, or another file type.
-    """
-    p = Path(path)
-    if p.suffix.lower() not in MODEL_SUFFIXES:
-        raise PatchadError(f"{p}: not a model file (expected {' or '.join(MODEL_SUFFIXES)})")
-    if not p.exists():
-        raise PatchadError(f"{p}: no such file")
-    if not p.is_file():
-        raise PatchadError(f"{p}: is a folder, not a model file")
-    return p
-
-
-def load_model(path: str | os.PathLike[str], *, weights: str | None = None) -> Any:
-    """Load a model for serving: ``.safetensors`` with :func:`patchad.detectors.load`, ``.onnx``
-    with the torch-free runtime ``patchad.runtime.load``.
-
-    Args:
-        path: the model file.
-        weights: backbone weights file for a ``.safetensors`` model, if not where it was at fit.
-
-    Raises:
-        PatchadError: bad file, or an ``.onnx`` model where this patchad has no runtime.
-    """
-    p = check_model_path(path)
-    if p.suffix.lower() == ".onnx":
-        try:
-            runtime = importlib.import_module("patchad.runtime")
-        except ImportError:
-            raise PatchadError(
-                f"{p}: serving .onnx models needs patchad.runtime, which this patchad lacks; "
-                "serve the .safetensors model instead"
-            ) from None
-        return runtime.load(p)
-    from patchad.detectors import load
-
-    return load(p, weights=weights)
+#: Loading lives in the library (patchad.models), shared with the CLI; re-exported here.
+__all__ = ["MODEL_SUFFIXES", "check_model_path", "load_model", "model_facts", "thresholds_at"]
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:

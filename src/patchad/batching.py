@@ -1,0 +1,120 @@
+"""Turning user images (paths, folders, PIL images) into batches of preprocessed inputs, with
+image decoding overlapped with compute in a small thread pool.
+
+Torch-free: the torch detectors (:func:`patchad.loading.iter_batches`) and the exported runtime
+(:mod:`patchad.runtime`) both batch through :func:`iter_loaded`.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Generic, TypeVar
+
+from PIL import Image
+
+from patchad.errors import PatchadError
+from patchad.images import list_images, read_image, to_rgb
+
+ImageLike = str | os.PathLike[str] | Image.Image
+Images = ImageLike | Sequence[ImageLike]
+T = TypeVar("T")
+
+
+class SkippedImageWarning(UserWarning):
+    """An unreadable image was skipped (``skip_bad=True``); the message names the file."""
+
+
+@dataclass(frozen=True)
+class Loaded(Generic[T]):
+    """One batch: the preprocessed inputs, the original (width, height) of each image, and its
+    name (the file path, or ``"<image i>"`` for in-memory images)."""
+
+    inputs: list[T]
+    sizes: list[tuple[int, int]]
+    names: list[str]
+
+
+def as_items(images: Images) -> list[ImageLike]:
+    """Expand folders into their image files; keep files and PIL images as they are."""
+    if isinstance(images, (str, os.PathLike, Image.Image)):
+        images = [images]
+    items: list[ImageLike] = []
+    for item in images:
+        if isinstance(item, Image.Image):
+            items.append(item)
+        elif Path(item).is_dir():
+            items.extend(list_images(item))
+        else:
+            items.append(Path(item))
+    if not items:
+        raise PatchadError("no images given")
+    return items
+
+
+def _load(item: ImageLike, preprocess: Callable[[Image.Image], T]) -> tuple[T, tuple[int, int]]:
+    image = to_rgb(item) if isinstance(item, Image.Image) else read_image(item)
+    return preprocess(image), image.size
+
+
+def iter_loaded(
+    items: Sequence[ImageLike],
+    preprocess: Callable[[Image.Image], T],
+    batch_size: int,
+    *,
+    workers: int = 2,
+    skip_bad: bool = False,
+) -> Iterator[Loaded[T]]:
+    """Decode and preprocess images in threads, at most two batches ahead of the consumer.
+
+    Args:
+        preprocess: RGB image -> model input (a tensor, an array...).
+        skip_bad: skip images that cannot be read, with a :class:`SkippedImageWarning` each,
+            instead of raising at the first one.
+
+    Raises:
+        PatchadError: an image cannot be read (without ``skip_bad``), or none can (with it).
+    """
+    names = [
+        str(i) if not isinstance(i, Image.Image) else f"<image {n}>" for n, i in enumerate(items)
+    ]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque[tuple[int, Future[tuple[T, tuple[int, int]]]]] = deque()
+        submitted = 0
+        yielded = 0
+        skipped: list[str] = []
+
+        def top_up() -> None:
+            nonlocal submitted
+            while submitted < len(items) and len(pending) < 2 * batch_size:
+                pending.append((submitted, pool.submit(_load, items[submitted], preprocess)))
+                submitted += 1
+
+        top_up()
+        while pending:
+            loaded, batch_names = [], []
+            while pending and len(loaded) < batch_size:
+                index, future = pending.popleft()
+                try:
+                    loaded.append(future.result())
+                    batch_names.append(names[index])
+                except PatchadError as exc:
+                    if not skip_bad:
+                        for _, rest in pending:
+                            rest.cancel()
+                        raise
+                    skipped.append(names[index])
+                    warnings.warn(f"{exc}; skipped", SkippedImageWarning, stacklevel=2)
+                top_up()
+            if loaded:
+                yielded += len(loaded)
+                yield Loaded([t for t, _ in loaded], [s for _, s in loaded], batch_names)
+        if not yielded:
+            raise PatchadError(
+                f"none of the {len(items)} images could be read (first: {skipped[0]})"
+            )

@@ -1,0 +1,57 @@
+"""Loading any model file patchad writes, by its type: a fitted ``.safetensors`` detector (needs
+torch) or an exported ``.onnx`` model (the torch-free runtime). Every front end (CLI, server)
+loads through :func:`load_model`. Torch-free itself: it imports a loader only when it is used.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from patchad.errors import PatchadError
+
+MODEL_SUFFIXES = (".safetensors", ".onnx")
+
+
+def check_model_path(path: str | os.PathLike[str]) -> Path:
+    """The model file, checked to exist and to have a suffix :func:`load_model` reads.
+
+    Raises:
+        PatchadError: missing, a folder, or another file type.
+    """
+    p = Path(path)
+    if p.suffix.lower() not in MODEL_SUFFIXES:
+        raise PatchadError(f"{p}: not a model file (expected {' or '.join(MODEL_SUFFIXES)})")
+    if not p.exists():
+        raise PatchadError(f"{p}: no such file")
+    if not p.is_file():
+        raise PatchadError(f"{p}: is a folder, not a model file")
+    return p
+
+
+def load_model(
+    path: str | os.PathLike[str], *, weights: str | None = None, threads: int | None = None
+) -> Any:
+    """Load a model: ``.onnx`` with :func:`patchad.runtime.load` (no torch), anything else with
+    :func:`patchad.detectors.load`. Both give ``predict``/``iter_predict`` returning
+    :class:`patchad.prediction.Prediction`.
+
+    Args:
+        path: the model file.
+        weights: backbone weights file for a ``.safetensors`` model, if not where it was at fit.
+        threads: CPU threads of the ONNX runtime (None: its default).
+
+    Raises:
+        PatchadError: a bad file, or ``weights`` given for an exported model.
+    """
+    p = Path(path)
+    if p.suffix.lower() == ".onnx":
+        from patchad.runtime import load as load_onnx
+
+        if weights is not None:
+            raise PatchadError(f"{p}: --weights does not apply to an exported model")
+        return load_onnx(p, threads=threads)
+    from patchad.detectors import load
+
+    return load(p, weights=weights)
