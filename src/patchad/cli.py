@@ -108,8 +108,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.calibration_dir is not None:
         calibration = _good_images(args.calibration_dir)
     _say(args, f"fitting {args.method} on {len(images)} images from {args.data}")
-    if hasattr(detector, "describe_memory"):
-        _say(args, detector.describe_memory(len(images)))
+    for line in detector.describe_fit(images):  # geometry, tiles, memory, coreset choice
+        _say(args, line)
     start = time.perf_counter()
     detector.fit(images, calibration=calibration, progress=not args.quiet, skip_bad=args.skip_bad)
     if detector.is_calibrated:

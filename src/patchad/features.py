@@ -308,25 +308,45 @@ class Preprocess:
     """Resize (and optionally centre-crop) a PIL image into a normalised tensor, and map
     anomaly maps back onto the original image.
 
-    ``crop_size=None`` (the default) resizes the whole image to ``image_size`` x ``image_size``,
-    so nothing at the border is lost. With a crop (the paper preset: 256 then 224) the shorter
-    side is resized to ``image_size`` and the centre ``crop_size`` square is kept.
+    ``crop_size=None`` (the default) resizes the image to the size
+    :func:`patchad.geometry.target_size` gives for ``image_size`` and ``resize`` (today's
+    default: a ``image_size`` x ``image_size`` squash, so nothing at the border is lost). With a
+    crop (the paper preset: 256 then 224) the shorter side is resized to ``image_size`` and the
+    centre ``crop_size`` square is kept.
     """
 
-    image_size: int
+    image_size: int | tuple[int, int] | str
     crop_size: int | None
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    resize: str = "squash"
+    stride: int = 16
 
     @property
     def input_size(self) -> int:
-        """Side of the square tensor the backbone sees."""
-        return self.crop_size or self.image_size
+        """Side of the square tensor the backbone sees (square ``image_size`` only)."""
+        if self.crop_size:
+            return self.crop_size
+        size = self.image_size
+        return size if isinstance(size, int) else int(size[0])  # type: ignore[index]
+
+    def target(self, width: int, height: int) -> tuple[int, int]:
+        """(height, width) of the tensor made from an image of ``width`` x ``height``."""
+        from patchad.geometry import target_size
+
+        if self.crop_size is not None:
+            return self.crop_size, self.crop_size
+        size = self.image_size
+        if isinstance(size, int):
+            size = (size, size)
+        return target_size(height, width, size, self.resize, self.stride)  # type: ignore[arg-type]
 
     def __call__(self, image: Image.Image) -> Tensor:
-        """Image of any size -> tensor of shape (3, input_size, input_size)."""
+        """Image of any size -> tensor of shape (3, H, W), (H, W) = :meth:`target`."""
         if self.crop_size is None:
-            image = image.resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
+            height, width = self.target(image.width, image.height)
+            if (width, height) != image.size:
+                image = image.resize((width, height), Image.Resampling.BILINEAR)
         else:
             box = self._crop_box_resized(image.width, image.height)
             new_w, new_h = self._resized_size(image.width, image.height)
@@ -338,8 +358,13 @@ class Preprocess:
         return (tensor - mean) / std
 
     def _resized_size(self, width: int, height: int) -> tuple[int, int]:
-        scale = self.image_size / min(width, height)
+        scale = self.input_size_short() / min(width, height)
         return max(1, round(width * scale)), max(1, round(height * scale))
+
+    def input_size_short(self) -> int:
+        """The shorter side the crop path resizes to (``image_size``, an int there)."""
+        size = self.image_size
+        return size if isinstance(size, int) else int(size[0])  # type: ignore[index]
 
     def _crop_box_resized(self, width: int, height: int) -> tuple[int, int, int, int]:
         assert self.crop_size is not None
@@ -348,11 +373,13 @@ class Preprocess:
         top = (new_h - self.crop_size) // 2
         return left, top, left + self.crop_size, top + self.crop_size
 
-    def restore(self, maps: Tensor, sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+    def restore(
+        self, maps: Tensor | Sequence[Tensor], sizes: Sequence[tuple[int, int]]
+    ) -> list[np.ndarray]:
         """Resize anomaly maps from input resolution to each original image's size.
 
         Args:
-            maps: maps at input resolution, shape (B, S, S).
+            maps: maps at input resolution, shape (B, S, S), or one (H_i, W_i) map per image.
             sizes: original (width, height) of each image.
 
         Returns:

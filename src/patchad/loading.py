@@ -27,14 +27,19 @@ class Batch:
     """Preprocessed images and where they came from.
 
     Attributes:
-        images: normalised tensors, shape (B, 3, S, S).
+        tensors: one normalised tensor (3, H_i, W_i) per image (shapes may differ).
         sizes: original (width, height) of each image.
         names: file path of each image, or ``"<image i>"`` for in-memory images.
     """
 
-    images: Tensor
+    tensors: list[Tensor]
     sizes: list[tuple[int, int]]
     names: list[str]
+
+    @property
+    def images(self) -> Tensor:
+        """The tensors stacked, shape (B, 3, H, W) (they must share one shape)."""
+        return torch.stack(self.tensors)
 
 
 def as_items(images: Images) -> list[ImageLike]:
@@ -58,7 +63,32 @@ def _load(
     item: ImageLike, preprocess: Callable[[Image.Image], Tensor]
 ) -> tuple[Tensor, tuple[int, int]]:
     image = to_rgb(item) if isinstance(item, Image.Image) else read_image(item)
-    return preprocess(image), image.size
+    try:
+        return preprocess(image), image.size
+    except PatchadError as exc:  # e.g. a geometry this image cannot take: name the file
+        name = "image" if isinstance(item, Image.Image) else str(item)
+        raise PatchadError(f"{name}: {exc}") from None
+
+
+#: EXIF orientations that swap width and height (read_image applies them).
+_TRANSPOSING = {5, 6, 7, 8}
+
+
+def image_dims(item: ImageLike) -> tuple[int, int] | None:
+    """(height, width) of an image as :func:`~patchad.images.read_image` will return it, from
+    the file's header only (nothing is decoded); None when the header cannot be read (reading
+    the image later gives the error)."""
+    if isinstance(item, Image.Image):
+        return item.height, item.width
+    try:
+        with Image.open(item) as handle:
+            width, height = handle.size
+            orientation = handle.getexif().get(0x0112)
+    except Exception:  # any failure is reported, with the file's name, when it is read
+        return None
+    if orientation in _TRANSPOSING:
+        width, height = height, width
+    return height, width
 
 
 class SkippedImageWarning(UserWarning):
@@ -116,7 +146,7 @@ def iter_batches(
             if loaded:
                 yielded += len(loaded)
                 yield Batch(
-                    images=torch.stack([t for t, _ in loaded]),
+                    tensors=[t for t, _ in loaded],
                     sizes=[s for _, s in loaded],
                     names=batch_names,
                 )
