@@ -347,3 +347,16 @@ def test_cli_fit_prints_geometry_and_auto_choice(tmp_path: Path, capsys) -> None
     assert "geometry: 32x80 (image_size=auto:48: median aspect ratio of the images)" in err
     assert "memory estimate" in err
     assert load(out).input_size() == (32, 80)
+
+
+def test_large_demo_category_layout(tmp_path: Path) -> None:
+    from patchad.datasets import load_category
+    from patchad.demo_large import make_large_dataset
+    from patchad.images import read_mask
+
+    folder = make_large_dataset(tmp_path, n_train=2, n_test_good=1, n_test_defect=2, size=256)
+    test_set = load_category(folder)
+    assert len(test_set.samples) == 3
+    mask = read_mask(folder / "ground_truth/scratch/000_mask.png")
+    assert mask.shape == (256, 256)
+    assert 0 < mask.sum() < 0.01 * mask.size  # a thin scratch: a few pixels wide
