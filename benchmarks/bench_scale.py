@@ -11,7 +11,7 @@ Usage: PYTHONPATH=src python3 benchmarks/bench_scale.py --images 50 200 1000 --s
 
 ``--shard-size`` sets PatchCore's ``coreset_shard_size`` (0 = always the exact greedy coreset,
 N = shards of at most N patches); without it PatchCore uses its automatic choice (exact while
-the greedy's worst-case work is at most 2^33 distance evaluations, else shards of 16,384).
+the greedy's estimated worst-case time is at most 60 s, else shards of 16,384).
 """
 
 from __future__ import annotations

@@ -161,17 +161,28 @@ def test_sharded_greedy_coreset_is_greedy_per_shard() -> None:
         sharded_greedy_coreset(x, 5, shard_rows=0, generator=g)
 
 
-def test_auto_shard_rows_bounds_the_exact_greedy_work() -> None:
-    from patchad.ops.coreset import AUTO_SHARD_ROWS, auto_shard_rows
+def test_auto_shard_rows_budgets_time() -> None:
+    from patchad.ops.coreset import (
+        AUTO_SHARD_ROWS,
+        EXACT_MAX_SECONDS,
+        auto_shard_rows,
+        greedy_seconds,
+        sharded_seconds,
+    )
 
     bottle = 209 * 32 * 32  # lite0 at 256 px: 214,016 patches
-    assert auto_shard_rows(bottle, round(0.1 * bottle)) is None  # 4.6e9 evaluations: exact
-    assert auto_shard_rows(bottle, round(0.01 * bottle)) is None
-    mtd = 761 * 32 * 32  # 779,264 patches: 6.1e10 evaluations at 10 %
-    assert auto_shard_rows(mtd, round(0.1 * mtd)) == AUTO_SHARD_ROWS
-    assert auto_shard_rows(mtd, round(0.01 * mtd)) is None  # 6.1e9
-    assert auto_shard_rows(2**20, 2**13) is None  # exactly at the bound
-    assert auto_shard_rows(2**20, 2**13 + 1) == AUTO_SHARD_ROWS
+    assert auto_shard_rows(bottle, round(0.01 * bottle)) is None  # estimated 26 s: exact
+    assert auto_shard_rows(bottle, round(0.1 * bottle)) == AUTO_SHARD_ROWS  # 262 s: shards
+    # issue 16: 712k patches at 1 % took ~310 s exact; the estimate is close and over budget
+    issue = 712_000
+    assert 200 < greedy_seconds(issue, 7_120, 128) < 400
+    assert auto_shard_rows(issue, 7_120) == AUTO_SHARD_ROWS
+    assert sharded_seconds(issue, 7_120, 128, AUTO_SHARD_ROWS) < EXACT_MAX_SECONDS
+    # a projection that fits the cache is read faster: same evaluations, less time
+    assert greedy_seconds(16_384, 1_000, 128) < greedy_seconds(65_536, 250, 128)
+    # the budget is in seconds: more dimensions (no projection) switch to shards sooner
+    assert auto_shard_rows(200_000, 1_000, 128) is None
+    assert auto_shard_rows(200_000, 1_000, 1024) == AUTO_SHARD_ROWS
 
 
 def test_patchcore_shard_rows_setting() -> None:
@@ -186,13 +197,16 @@ def test_patchcore_shard_rows_setting() -> None:
     assert PatchCore(coreset_shard_size=None).shard_rows(10_000, 9_000) is None
     # the line printed before a fit says which selection it will use
     lite0 = {"backbone": "tf_efficientnet_lite0"}
-    assert PatchCore(**lite0).describe_memory(209).endswith("; exact greedy coreset")
-    line = PatchCore(**lite0).describe_memory(761)
-    assert "coreset in 48 shards of <= 16,384 patches (approximate;" in line
     assert (
-        PatchCore(**lite0, coreset_shard_size=0)
-        .describe_memory(761)
-        .endswith("exact greedy coreset")
+        PatchCore(**lite0, coreset_ratio=0.01)
+        .describe_memory(209)
+        .endswith("; exact greedy coreset (estimated at most 25 s)")
+    )
+    line = PatchCore(**lite0).describe_memory(761)
+    assert "coreset in 48 shards of <= 16,384 patches (approximate, estimated at most" in line
+    assert "the exact greedy could take up to 3343 s" in line
+    assert "exact greedy coreset (estimated at most 3343 s)" in (
+        PatchCore(**lite0, coreset_shard_size=0).describe_memory(761)
     )
     for ok in (None, 0, 1000):
         PatchCore(coreset_shard_size=ok)._validate()  # checked at fit, as in scikit-learn

@@ -59,7 +59,32 @@ def as_items(images: Images) -> list[ImageLike]:
 
 def _load(item: ImageLike, preprocess: Callable[[Image.Image], T]) -> tuple[T, tuple[int, int]]:
     image = to_rgb(item) if isinstance(item, Image.Image) else read_image(item)
-    return preprocess(image), image.size
+    try:
+        return preprocess(image), image.size
+    except PatchadError as exc:  # e.g. a geometry this image cannot take: name the file
+        name = "image" if isinstance(item, Image.Image) else str(item)
+        raise PatchadError(f"{name}: {exc}") from None
+
+
+#: EXIF orientations that swap width and height (read_image applies them).
+_TRANSPOSING = {5, 6, 7, 8}
+
+
+def image_dims(item: ImageLike) -> tuple[int, int] | None:
+    """(height, width) of an image as :func:`~patchad.images.read_image` will return it, from
+    the file's header only (nothing is decoded); None when the header cannot be read (reading
+    the image later gives the error)."""
+    if isinstance(item, Image.Image):
+        return item.height, item.width
+    try:
+        with Image.open(item) as handle:
+            width, height = handle.size
+            orientation = handle.getexif().get(0x0112)
+    except Exception:  # any failure is reported, with the file's name, when it is read
+        return None
+    if orientation in _TRANSPOSING:
+        width, height = height, width
+    return height, width
 
 
 def iter_loaded(

@@ -93,8 +93,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.calibration_dir is not None:
         calibration = _good_images(args.calibration_dir)
     _say(args, f"fitting {args.method} on {len(images)} images from {args.data}")
-    if hasattr(detector, "describe_memory") and args.ray is None:
-        _say(args, detector.describe_memory(len(images)))
+    if args.ray is None:
+        for line in detector.describe_fit(images):  # geometry, tiles, memory, coreset choice
+            _say(args, line)
     start = time.perf_counter()
     if args.ray is not None:
         _fit_on_ray(args, detector, images, calibration)

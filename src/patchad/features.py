@@ -308,35 +308,64 @@ class Preprocess:
     """Resize (and optionally centre-crop) a PIL image into a normalised tensor, and map
     anomaly maps back onto the original image.
 
-    ``crop_size=None`` (the default) resizes the whole image to ``image_size`` x ``image_size``,
-    so nothing at the border is lost. With a crop (the paper preset: 256 then 224) the shorter
-    side is resized to ``image_size`` and the centre ``crop_size`` square is kept.
+    ``crop_size=None`` (the default) resizes the image to the size
+    :func:`patchad.geometry.target_size` gives for ``image_size`` and ``resize`` (today's
+    default: a ``image_size`` x ``image_size`` squash, so nothing at the border is lost). With a
+    crop (the paper preset: 256 then 224) the shorter side is resized to ``image_size`` and the
+    centre ``crop_size`` square is kept.
     """
 
-    image_size: int
+    image_size: int | tuple[int, int] | str
     crop_size: int | None
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    resize: str = "squash"
+    stride: int = 16
 
     @property
     def input_size(self) -> int:
-        """Side of the square tensor the backbone sees."""
-        return self.crop_size or self.image_size
+        """Side of the square tensor the backbone sees (square ``image_size`` only)."""
+        if self.crop_size:
+            return self.crop_size
+        size = self.image_size
+        return size if isinstance(size, int) else int(size[0])  # type: ignore[index]
+
+    def target(self, width: int, height: int) -> tuple[int, int]:
+        """(height, width) of the tensor made from an image of ``width`` x ``height``."""
+        from patchad.geometry import target_size
+
+        if self.crop_size is not None:
+            return self.crop_size, self.crop_size
+        size = self.image_size
+        if isinstance(size, int):
+            size = (size, size)
+        return target_size(height, width, size, self.resize, self.stride)  # type: ignore[arg-type]
 
     def __call__(self, image: Image.Image) -> Tensor:
-        """Image of any size -> tensor of shape (3, input_size, input_size)."""
-        pixels = resize_to_input(image, self.image_size, self.crop_size)
+        """Image of any size -> tensor of shape (3, H, W), (H, W) = :meth:`target`
+        (the pixels :func:`patchad.preprocessing.resize_to_input` gives, as in the runtime)."""
+        if self.crop_size is None:
+            pixels = resize_to_input(image, self.target(image.width, image.height), None)
+        else:
+            pixels = resize_to_input(image, self.input_size_short(), self.crop_size)
         tensor = torch.from_numpy(to_unit_float(pixels))
         mean = torch.tensor(self.mean).view(3, 1, 1)
         std = torch.tensor(self.std).view(3, 1, 1)
         return (tensor - mean) / std
 
-    def restore(self, maps: Tensor, sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+    def input_size_short(self) -> int:
+        """The shorter side the crop path resizes to (``image_size``, an int there)."""
+        size = self.image_size
+        return size if isinstance(size, int) else int(size[0])  # type: ignore[index]
+
+    def restore(
+        self, maps: Tensor | Sequence[Tensor], sizes: Sequence[tuple[int, int]]
+    ) -> list[np.ndarray]:
         """Resize anomaly maps from input resolution to each original image's size
         (:func:`patchad.preprocessing.restore_map`, shared with the exported runtime).
 
         Args:
-            maps: maps at input resolution, shape (B, S, S).
+            maps: maps at input resolution, shape (B, S, S), or one (H_i, W_i) map per image.
             sizes: original (width, height) of each image.
 
         Returns:
@@ -344,6 +373,6 @@ class Preprocess:
             value at the nearest crop edge.
         """
         return [
-            restore_map(m.float().numpy(), width, height, self.image_size, self.crop_size)
+            restore_map(m.float().numpy(), width, height, self.input_size_short(), self.crop_size)
             for m, (width, height) in zip(maps, sizes, strict=True)
         ]

@@ -15,10 +15,19 @@ from patchad.batching import (
     Images,
     SkippedImageWarning,
     as_items,
+    image_dims,
     iter_loaded,
 )
 
-__all__ = ["Batch", "ImageLike", "Images", "SkippedImageWarning", "as_items", "iter_batches"]
+__all__ = [
+    "Batch",
+    "ImageLike",
+    "Images",
+    "SkippedImageWarning",
+    "as_items",
+    "image_dims",
+    "iter_batches",
+]
 
 
 @dataclass(frozen=True)
@@ -26,14 +35,19 @@ class Batch:
     """Preprocessed images and where they came from.
 
     Attributes:
-        images: normalised tensors, shape (B, 3, S, S).
+        tensors: one normalised tensor (3, H_i, W_i) per image (shapes may differ).
         sizes: original (width, height) of each image.
         names: file path of each image, or ``"<image i>"`` for in-memory images.
     """
 
-    images: Tensor
+    tensors: list[Tensor]
     sizes: list[tuple[int, int]]
     names: list[str]
+
+    @property
+    def images(self) -> Tensor:
+        """The tensors stacked, shape (B, 3, H, W) (they must share one shape)."""
+        return torch.stack(self.tensors)
 
 
 def iter_batches(
@@ -55,4 +69,4 @@ def iter_batches(
         PatchadError: an image cannot be read (without ``skip_bad``), or none can (with it).
     """
     for part in iter_loaded(items, preprocess, batch_size, workers=workers, skip_bad=skip_bad):
-        yield Batch(images=torch.stack(part.inputs), sizes=part.sizes, names=part.names)
+        yield Batch(tensors=list(part.inputs), sizes=part.sizes, names=part.names)

@@ -19,9 +19,16 @@ def parse_value(key: str, text: str, annotation: Any) -> Any:
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if text.strip().lower() in {"none", "null", ""}:
+        if text.strip().lower() in {"none", "null", ""} and len(args) < len(
+            typing.get_args(annotation)
+        ):
             return None
-        return parse_value(key, text, args[0])
+        for arg in args[:-1]:  # the first member that parses, e.g. int before str
+            try:
+                return parse_value(key, text, arg)
+            except ConfigError:
+                continue
+        return parse_value(key, text, args[-1])
     if origin is tuple:
         return tuple(part.strip() for part in text.split(",") if part.strip())
     try:

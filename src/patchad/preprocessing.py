@@ -26,16 +26,22 @@ def crop_box(width: int, height: int, image_size: int, crop_size: int) -> tuple[
     return left, top, left + crop_size, top + crop_size
 
 
-def resize_to_input(image: Image.Image, image_size: int, crop_size: int | None) -> np.ndarray:
-    """An RGB image of any size -> the model's input pixels, uint8 of shape (S, S, 3).
+def resize_to_input(
+    image: Image.Image, image_size: int | tuple[int, int], crop_size: int | None
+) -> np.ndarray:
+    """An RGB image of any size -> the model's input pixels, uint8 of shape (H, W, 3).
 
-    ``crop_size=None`` resizes the whole image to ``image_size`` x ``image_size`` (bilinear);
+    ``crop_size=None`` resizes the whole image to ``image_size`` (H, W), or S x S for an int
+    (bilinear; an image already that size is kept as it is);
     with a crop the shorter side is resized to ``image_size`` and the centre ``crop_size``
     square is kept.
     """
     if crop_size is None:
-        image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
+        height, width = image_size if isinstance(image_size, tuple) else (image_size, image_size)
+        if (width, height) != image.size:
+            image = image.resize((width, height), Image.Resampling.BILINEAR)
     else:
+        assert isinstance(image_size, int), "a crop takes an int image_size"
         box = crop_box(image.width, image.height, image_size, crop_size)
         new_size = resized_size(image.width, image.height, image_size)
         image = image.resize(new_size, Image.Resampling.BILINEAR).crop(box)

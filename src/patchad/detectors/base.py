@@ -26,7 +26,17 @@ from patchad.features import (
     layer_indices,
     layers_at_strides,
 )
-from patchad.loading import ImageLike, Images, as_items, iter_batches
+from patchad.geometry import (
+    RESIZE_MODES,
+    Box,
+    Size,
+    auto_side,
+    auto_size,
+    parse_image_size,
+    stitch,
+    tile_boxes,
+)
+from patchad.loading import ImageLike, Images, as_items, image_dims, iter_batches
 from patchad.modelfile import read_model, write_model
 from patchad.ops.maps import anomaly_map
 from patchad.prediction import Prediction, decide
@@ -67,7 +77,7 @@ class Detector:
         backbone: str,
         layers: tuple[str, ...] | None,
         weights: str | None,
-        image_size: int,
+        image_size: int | str,
         crop_size: int | None,
         blur_sigma: float,
         batch_size: int,
@@ -75,7 +85,13 @@ class Detector:
         calibration_split: float = 0.1,
         fpr: float = 0.01,
         normalization: str = "backbone",
+        resize: str = "squash",
+        tile_size: int | None = None,
+        tile_overlap: float = 0.25,
     ) -> None:
+        self.resize = resize
+        self.tile_size = tile_size
+        self.tile_overlap = tile_overlap
         self.calibration_split = calibration_split
         self.fpr = fpr
         self.normalization = normalization
@@ -110,12 +126,30 @@ class Detector:
 
     def _validate(self) -> None:
         """Check parameters before any work; raise :class:`ConfigError`."""
-        if not isinstance(self.image_size, int) or self.image_size < 16:
-            raise ConfigError(f"image_size must be an integer >= 16, got {self.image_size!r}")
-        if self.crop_size is not None and not 16 <= self.crop_size <= self.image_size:
+        size = parse_image_size(self.image_size)
+        if self.resize not in RESIZE_MODES:
+            raise ConfigError(f"resize must be one of {list(RESIZE_MODES)}, got {self.resize!r}")
+        if self.resize == "keep_aspect" and isinstance(size, tuple) and size[0] != size[1]:
             raise ConfigError(
-                f"crop_size must be in [16, image_size={self.image_size}], got {self.crop_size!r}"
+                f"resize=keep_aspect scales the shorter side to image_size, which must be one "
+                f"side (e.g. 256), got {self.image_size!r}"
             )
+        if self.crop_size is not None:
+            if not isinstance(self.image_size, int):
+                raise ConfigError(f"crop_size needs an integer image_size, got {self.image_size!r}")
+            if not 16 <= self.crop_size <= self.image_size:
+                raise ConfigError(
+                    f"crop_size must be in [16, image_size={self.image_size}], "
+                    f"got {self.crop_size!r}"
+                )
+            if self.resize != "squash" or self.tile_size is not None:
+                raise ConfigError("crop_size works with resize=squash and no tiling only")
+        if self.tile_size is not None and (
+            not isinstance(self.tile_size, int) or self.tile_size < 32
+        ):
+            raise ConfigError(f"tile_size must be an integer >= 32 or None, got {self.tile_size!r}")
+        if not isinstance(self.tile_overlap, (int, float)) or not 0 <= self.tile_overlap < 1:
+            raise ConfigError(f"tile_overlap must be in [0, 1), got {self.tile_overlap!r}")
         if self.blur_sigma < 0:
             raise ConfigError(f"blur_sigma must be >= 0, got {self.blur_sigma!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -155,11 +189,121 @@ class Detector:
             self.extractor_.mean,
             self.extractor_.std,
         )
-        self.preprocess_ = Preprocess(self.image_size, self.crop_size, mean, std)
+        self.preprocess_ = Preprocess(
+            self.input_size(), self.crop_size, mean, std, self.resize, self.max_stride()
+        )
+
+    # ------------------------------------------------------------------ geometry
+    def max_stride(self) -> int:
+        """The largest feature stride of the resolved layers (keep_aspect and auto round to it)."""
+        info = backbone_info(self.backbone)
+        return max(info.strides[i] for i in layer_indices(self.backbone, self.resolved_layers))
+
+    def input_size(self) -> Size | str:
+        """``image_size`` resolved: (H, W), or ``"native"``; ``"auto"`` is resolved by ``fit``
+        (``input_size_``, recorded in the model file) and is a square before it."""
+        if hasattr(self, "input_size_"):
+            return self.input_size_
+        size = parse_image_size(self.image_size)
+        if isinstance(size, str) and size != "native":
+            side = auto_side(size)
+            return side, side
+        return size
+
+    @property
+    def needs_sizes(self) -> bool:
+        """Whether the input geometry depends on each image's own size."""
+        return self.resize == "keep_aspect" or str(self.image_size).startswith(("auto", "native"))
+
+    def _resolve_size(self, sizes: list[Size | None]) -> Size | str:
+        """``input_size_`` for training images of ``sizes`` (height, width)."""
+        size = parse_image_size(self.image_size)
+        if isinstance(size, str) and size != "native":
+            known = [s for s in sizes if s is not None]
+            return auto_size(known, auto_side(size), self.max_stride())
+        return size
+
+    def plan_views(self, sizes: list[Size | None]) -> list[Size]:
+        """(height, width) of every backbone input (an image, or its tiles) for images of
+        ``sizes`` (height, width; None for an unreadable one, which gives none), in order."""
+        pre = Preprocess(
+            self.input_size(), self.crop_size, (0, 0, 0), (1, 1, 1), self.resize, self.max_stride()
+        )
+        views: list[Size] = []
+        for size in sizes:
+            if size is not None:
+                h, w = pre.target(size[1], size[0])
+                views.extend((b[2], b[3]) for b in self.boxes(h, w))
+        return views
+
+    def boxes(self, height: int, width: int) -> list[Box]:
+        """Tiles of a ``height`` x ``width`` input (one box without ``tile_size``)."""
+        return tile_boxes(height, width, self.tile_size, self.tile_overlap)
+
+    def image_sizes(self, items: list[ImageLike]) -> list[Size | None]:
+        """(height, width) of each image from its header, or (1, 1) each when the geometry
+        does not depend on it; None for a file whose header cannot be read."""
+        if not self.needs_sizes:
+            return [(1, 1)] * len(items)
+        return [image_dims(item) for item in items]
+
+    def describe_geometry(self, sizes: list[Size | None]) -> str:
+        """One line: the input size, resize mode and tiles a fit on images of ``sizes`` uses."""
+        size = self.input_size()
+        views = self.plan_views(sizes)
+        shapes = sorted(set(views))
+        text = "native size" if size == "native" else f"{size[0]}x{size[1]}"
+        if str(self.image_size).startswith("auto"):
+            text = f"{text} (image_size={self.image_size}: median aspect ratio of the images)"
+        line = f"geometry: {text}, resize={self.resize}"
+        if self.crop_size is not None:
+            line += f", centre crop {self.crop_size}"
+        if self.tile_size is not None:
+            line += f", tiles of {self.tile_size} px overlapping {self.tile_overlap:g}"
+        shown = ", ".join(f"{h}x{w}" for h, w in shapes[:4]) + (" ..." if len(shapes) > 4 else "")
+        return (
+            f"{line}; {len(views):,} backbone inputs for {len(sizes):,} images "
+            f"({len(shapes)} shape{'s' if len(shapes) != 1 else ''}: {shown})"
+        )
+
+    def describe_fit(self, images: Images) -> list[str]:
+        """What fitting ``images`` will do, before any work: the geometry line (input size,
+        resize, tile count) and, for PatchCore, the memory estimate and coreset choice."""
+        self._validate()
+        sizes = self.image_sizes(as_items(images))
+        saved = self.__dict__.pop("input_size_", None)
+        try:
+            self.input_size_ = self._resolve_size(sizes)
+            views = self.plan_views(sizes)
+            return [self.describe_geometry(sizes), *self._describe_views(len(sizes), views)]
+        finally:
+            del self.input_size_
+            if saved is not None:
+                self.input_size_ = saved
+
+    def _describe_views(self, num_images: int, views: list[Size]) -> list[str]:
+        """Lines :meth:`describe_fit` adds for ``views`` (backbone input shapes)."""
+        return []
 
     def features(self, images: Tensor) -> list[Tensor]:
-        """Backbone feature maps of preprocessed images (B, 3, S, S), one per layer."""
+        """Backbone feature maps of preprocessed images (B, 3, H, W), one per layer."""
         return self.extractor_(images)
+
+    def _views(self, tensor: Tensor) -> tuple[list[Tensor], list[Box]]:
+        """One preprocessed image (3, H, W) cut into its backbone inputs, and their boxes."""
+        boxes = self.boxes(tensor.shape[-2], tensor.shape[-1])
+        return [tensor[:, t : t + h, x : x + w] for t, x, h, w in boxes], boxes
+
+    def _grouped(self, views: list[Tensor]) -> Iterator[tuple[list[int], Tensor]]:
+        """Same-shape views stacked, at most ``batch_size`` at a time (shape bucketing, never
+        padding), with their indices into ``views``; shapes in first-seen order."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, view in enumerate(views):
+            groups.setdefault(tuple(view.shape), []).append(i)
+        for index in groups.values():
+            for start in range(0, len(index), self.batch_size):
+                part = index[start : start + self.batch_size]
+                yield part, torch.stack([views[i] for i in part])
 
     def _feature_batches(
         self, images: Images, progress: bool, desc: str, skip_bad: bool = False
@@ -170,7 +314,9 @@ class Detector:
         for batch in tqdm(
             batches, total=total, desc=desc, unit="batch", disable=not progress, leave=False
         ):
-            yield self.features(batch.images)
+            views = [v for t in batch.tensors for v in self._views(t)[0]]
+            for _, stacked in self._grouped(views):
+                yield self.features(stacked)
 
     def split_calibration(self, images: Images) -> tuple[list[ImageLike], list[ImageLike]]:
         """Split good images into (training, calibration) by ``calibration_split`` and ``seed``.
@@ -226,17 +372,22 @@ class Detector:
             train, calib = as_items(images), as_items(calibration)
         else:
             train, calib = self.split_calibration(images)
+        self.__dict__.pop("input_size_", None)
+        sizes = self.image_sizes(train)
+        self.input_size_ = self._resolve_size(sizes)
+        self._fit_views = self.plan_views(sizes)
+        self._check_views(self._fit_views)
         self._check_resources(len(train))
         self._build()
         batches = self._feature_batches(train, progress, f"{self.method} fit", skip_bad)
-        seen = [0]  # images that reached the model (unreadable ones may be skipped)
+        seen = [0]  # inputs that reached the model (unreadable images may be skipped)
 
         def counted() -> Iterator[list[Tensor]]:
             for features in batches:
                 seen[0] += features[0].shape[0]
                 yield features
 
-        self._fit(counted(), len(train), progress)
+        self._fit(counted(), len(self._fit_views), progress)
         self.n_train_ = seen[0]
         self.fingerprint_ = self.extractor_.fingerprint
         if calib:
@@ -352,32 +503,73 @@ class Detector:
             leave=False,
         ):
             with torch.inference_mode():  # not held across the yield
-                s, m = self.predict_tensor(batch.images)
+                scores, maps = self._predict_images(batch.tensors)
                 part = self._decide(
-                    s.numpy().astype(np.float32),
-                    self.preprocess_.restore(m, batch.sizes),
-                    list(batch.names),
+                    scores, self.preprocess_.restore(maps, batch.sizes), list(batch.names)
                 )
             yield part
 
+    def _predict_images(self, tensors: list[Tensor]) -> tuple[np.ndarray, list[Tensor]]:
+        """Image scores (B,) and maps at input resolution (one (H_i, W_i) per image) of
+        preprocessed images of any shapes: views bucketed by shape, tile maps stitched with a
+        smooth window; the image score is the largest view score, or the stitched map's max."""
+        cut = [self._views(t) for t in tensors]
+        views = [v for parts, _ in cut for v in parts]
+        view_scores: list[float | None] = [None] * len(views)
+        view_maps: list[np.ndarray] = [np.empty(0)] * len(views)
+        for index, stacked in self._grouped(views):
+            image_scores, maps = self._predict_views(stacked)
+            for j, i in enumerate(index):
+                view_maps[i] = maps[j].numpy()
+                if image_scores is not None:
+                    view_scores[i] = float(image_scores[j])
+        scores, full_maps, k = [], [], 0
+        for tensor, (parts, boxes) in zip(tensors, cut, strict=True):
+            span = range(k, k + len(parts))
+            k += len(parts)
+            full = stitch([view_maps[i] for i in span], boxes, *tensor.shape[-2:])
+            given = [view_scores[i] for i in span]
+            scores.append(max(given) if given[0] is not None else float(full.max()))  # type: ignore[type-var]
+            full_maps.append(torch.from_numpy(full))
+        return np.asarray(scores, dtype=np.float32), full_maps
+
+    def _predict_views(self, images: Tensor) -> tuple[Tensor | None, Tensor]:
+        """Image scores (B,) or None, and maps (B, H, W) of same-shape inputs (B, 3, H, W)."""
+        model_input = self._model_input(images)
+        patch_scores, image_scores = self._score(self.features(model_input))
+        maps = anomaly_map(patch_scores, model_input.shape[-2:], self.blur_sigma)
+        if model_input.shape[-2:] != images.shape[-2:]:
+            maps = torch.nn.functional.interpolate(
+                maps[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False
+            )[:, 0]
+        return image_scores, maps
+
     @torch.inference_mode()
     def predict_tensor(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """Score a preprocessed batch.
+        """Score a preprocessed batch of one shape, each image as one backbone input.
 
         Args:
-            images: normalised images, shape (B, 3, S, S).
+            images: normalised images, shape (B, 3, H, W).
 
         Returns:
-            Image scores (B,) and maps at input resolution (B, S, S).
+            Image scores (B,) and maps at input resolution (B, H, W).
         """
         self._check_fitted("predict")
-        patch_scores, image_scores = self._score(self.features(images))
-        maps = anomaly_map(patch_scores, images.shape[-2:], self.blur_sigma)
+        image_scores, maps = self._predict_views(images)
         if image_scores is None:
             image_scores = maps.flatten(1).amax(1)
         return image_scores, maps
 
     # ------------------------------------------------------------------ hooks
+    def _check_views(self, views: list[Size]) -> None:
+        """Refuse, before any work, training inputs of shapes the method cannot use; raise
+        :class:`ConfigError` (the default accepts any)."""
+
+    def _model_input(self, images: Tensor) -> Tensor:
+        """The tensor the backbone scores for inputs (B, 3, H, W); PaDiM resizes to its
+        training shape. Maps are resized back to (H, W)."""
+        return images
+
     def _check_resources(self, num_images: int) -> None:
         """Refuse, before any image is read or the backbone is built, a fit that cannot work
         (e.g. over a memory limit); raise :class:`ConfigError`."""
@@ -409,6 +601,8 @@ class Detector:
         state = self._state()
         if hasattr(self, "n_train_"):
             state = {**state, "n_train": self.n_train_}
+        size = self.input_size()
+        state = {**state, "input_size": size if isinstance(size, str) else list(size)}
         if self.is_calibrated:
             tensors.update({name: getattr(self, name) for name in self.calibration_tensors})
             state = {
@@ -457,6 +651,10 @@ def load(path: str | os.PathLike[str], *, weights: str | None = None) -> Detecto
     if weights is not None:
         config["weights"] = weights
     detector = cls(**config)
+    state = dict(meta["state"])
+    input_size = state.pop("input_size", None)  # absent in files made before geometry
+    if input_size is not None:
+        detector.input_size_ = input_size if isinstance(input_size, str) else tuple(input_size)
     detector._build()
     if detector.extractor_.fingerprint != meta["fingerprint"]:
         raise PatchadError(
@@ -469,7 +667,6 @@ def load(path: str | os.PathLike[str], *, weights: str | None = None) -> Detecto
         raise PatchadError(f"{path}: model file lacks tensors {missing}")
     for name in detector.learned_tensors:
         setattr(detector, name, tensors[name])
-    state = dict(meta["state"])
     calibration = state.pop("calibration", None)
     n_train = state.pop("n_train", None)
     if n_train is not None:  # absent from files written before it was recorded

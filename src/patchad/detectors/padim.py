@@ -4,8 +4,10 @@ and Localization", ICPR 2020 workshops, 2021)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from patchad.detectors.base import Detector
@@ -58,7 +60,10 @@ class PaDiM(Detector):
             (``layer1``-``layer3`` of a ResNet, ``blocks.1``, ``blocks.2``, ``blocks.4`` of an
             EfficientNet).
         weights: None (resolve automatically), a local weights file, or ``"random"``.
-        image_size: input side in pixels (256); with ``crop_size`` the shorter side.
+        image_size: input size: an int S (S x S; with ``crop_size`` or ``keep_aspect`` the
+            shorter side), ``"HxW"``, ``"auto"`` / ``"auto:S"`` (at fit, the training images'
+            median aspect ratio at S x S pixels, S = 256 by default) or ``"native"`` (each
+            image's own size); see ``docs/geometry.md``.
         crop_size: centre crop after resizing (None = no crop; the paper used 224).
         n_features: channels kept, d; None = :func:`default_n_features`.
         epsilon: regularisation eps added to each covariance's diagonal (0.01).
@@ -70,6 +75,12 @@ class PaDiM(Detector):
         fpr: chosen false-alarm rate for the calibrated image and pixel thresholds.
         normalization: input mean/std: ``"backbone"`` (its pretrained config, the default) or
             ``"imagenet"`` (ImageNet's, as anomalib uses for every backbone).
+        resize: ``"squash"`` (to ``image_size`` exactly, the default) or ``"keep_aspect"`` (the
+            shorter side to ``image_size``, the longer in proportion; see
+            :func:`patchad.geometry.target_size`).
+        tile_size: cut each resized input into overlapping tiles of this many pixels, each a
+            backbone input; maps are stitched with a smooth window (None = no tiling).
+        tile_overlap: least overlap of neighbouring tiles, as a fraction of ``tile_size``.
 
     Example:
         >>> from patchad.demo import demo_images
@@ -90,7 +101,7 @@ class PaDiM(Detector):
         backbone: str = "wide_resnet50_2",
         layers: tuple[str, ...] | None = None,
         weights: str | None = None,
-        image_size: int = 256,
+        image_size: int | str = 256,
         crop_size: int | None = None,
         n_features: int | None = None,
         epsilon: float = 0.01,
@@ -100,6 +111,9 @@ class PaDiM(Detector):
         calibration_split: float = 0.1,
         fpr: float = 0.01,
         normalization: str = "backbone",
+        resize: str = "squash",
+        tile_size: int | None = None,
+        tile_overlap: float = 0.25,
     ) -> None:
         super().__init__(
             backbone=backbone,
@@ -113,6 +127,9 @@ class PaDiM(Detector):
             calibration_split=calibration_split,
             fpr=fpr,
             normalization=normalization,
+            resize=resize,
+            tile_size=tile_size,
+            tile_overlap=tile_overlap,
         )
         self.n_features = n_features
         self.epsilon = epsilon
@@ -136,6 +153,35 @@ class PaDiM(Detector):
         if self.n_features is not None:
             return self.n_features
         return default_n_features(self.backbone, self.total_channels())
+
+    def _check_views(self, views: list[tuple[int, int]]) -> None:
+        if self.tile_size is not None:
+            raise ConfigError(
+                "PaDiM does not support tile_size yet; use PatchCore or SPADE for tiling"
+            )
+        shapes = sorted(set(views))
+        if len(shapes) > 1:
+            raise ConfigError(
+                f"PaDiM models each patch position, so its training inputs need one shape; "
+                f"this geometry gives {len(shapes)} ({shapes[0][0]}x{shapes[0][1]}, "
+                f"{shapes[1][0]}x{shapes[1][1]}, ...): use resize=squash (or image_size=HxW)"
+            )
+
+    def _model_input(self, images: Tensor) -> Tensor:
+        """Test inputs of another shape are resized (bilinear) to the training shape: PaDiM's
+        Gaussians belong to positions of the training grid (the method's limitation)."""
+        shape = getattr(self, "input_shape_", None)
+        if shape is None or tuple(images.shape[-2:]) == tuple(shape):
+            return images
+        return F.interpolate(images, size=tuple(shape), mode="bilinear", align_corners=False)
+
+    def _state(self) -> dict[str, Any]:
+        shape = getattr(self, "input_shape_", None)
+        return {} if shape is None else {"input_shape": list(shape)}
+
+    def _set_state(self, state: dict[str, Any]) -> None:
+        if "input_shape" in state:  # absent in files made before geometry: no resizing
+            self.input_shape_ = tuple(state["input_shape"])
 
     def _check_resources(self, num_images: int) -> None:
         if num_images < 2:
@@ -190,6 +236,9 @@ class PaDiM(Detector):
         self.mean_, self.inv_cov_ = fit_gaussians(moments, self.epsilon, out=moments.sum_outer)
 
     def _fit(self, batches: Iterator[list[Tensor]], num_images: int, progress: bool) -> None:
+        planned = getattr(self, "_fit_views", None)
+        if planned:  # the training input shape, which test inputs are resized to
+            self.input_shape_ = tuple(planned[0])
         self.fit_moments(self.moments(batches))
 
     def _score(self, features: list[Tensor]) -> tuple[Tensor, Tensor | None]:

@@ -15,8 +15,10 @@ from patchad.features import backbone_info, layer_indices
 from patchad.ops.coreset import (
     auto_shard_rows,
     greedy_coreset,
+    greedy_seconds,
     random_projection,
     sharded_greedy_coreset,
+    sharded_seconds,
 )
 from patchad.ops.knn import BACKENDS, SearchIndex
 from patchad.ops.patches import align_and_concat, local_aggregate, reduce_channels
@@ -40,7 +42,10 @@ class PatchCore(Detector):
         layers: backbone stages, shallow to deep; None = the stages at strides 8 and 16
             (``layer2``, ``layer3`` of a ResNet).
         weights: None (resolve automatically), a local weights file, or ``"random"``.
-        image_size: input side in pixels (256); with ``crop_size`` the shorter side.
+        image_size: input size: an int S (S x S; with ``crop_size`` or ``keep_aspect`` the
+            shorter side), ``"HxW"``, ``"auto"`` / ``"auto:S"`` (at fit, the training images'
+            median aspect ratio at S x S pixels, S = 256 by default) or ``"native"`` (each
+            image's own size); see ``docs/geometry.md``.
         crop_size: centre crop after resizing (None = no crop; the paper preset uses 224).
         patch_size: neighbourhood p for local aggregation (3).
         embed_dim: reduce the concatenated features to this many channels by adaptive average
@@ -51,11 +56,13 @@ class PatchCore(Detector):
             all patches (the paper's); an integer >= 1000 = above this many patches, split them
             at random into shards of at most this many and select in each
             (:func:`~patchad.ops.coreset.sharded_greedy_coreset`): cost divided by the number
-            of shards, an approximate coreset; None (default) = exact while its worst-case
-            work (bank size x patches) is at most 2^33 distance evaluations, e.g. bottle
-            at 256 px with 10 %, else shards of 16,384 patches
-            (:func:`~patchad.ops.coreset.auto_shard_rows`), so a large training set costs
-            minutes instead of hours. :meth:`describe_memory` says which one a fit will use.
+            of shards, an approximate coreset; None (default) = exact while its estimated
+            worst-case time (bank size x patches distance evaluations at the measured read
+            rate, :func:`~patchad.ops.coreset.greedy_seconds`) is at most 60 s, e.g. bottle
+            at 256 px with 1 %, else shards of 16,384 patches
+            (:func:`~patchad.ops.coreset.auto_shard_rows`), so larger inputs, tiles or
+            training sets cost seconds to minutes, not hours. :meth:`describe_memory` says
+            which one a fit will use.
         num_neighbors: patch score = mean distance to this many bank neighbours (1).
         reweight: apply the paper's Eq. 7 to the image score.
         reweight_neighbors: b in Eq. 7 (9).
@@ -77,6 +84,12 @@ class PatchCore(Detector):
         fpr: chosen false-alarm rate for the calibrated image and pixel thresholds.
         normalization: input mean/std: ``"backbone"`` (its pretrained config, the default) or
             ``"imagenet"`` (ImageNet's, as anomalib uses for every backbone).
+        resize: ``"squash"`` (to ``image_size`` exactly, the default) or ``"keep_aspect"`` (the
+            shorter side to ``image_size``, the longer in proportion; see
+            :func:`patchad.geometry.target_size`).
+        tile_size: cut each resized input into overlapping tiles of this many pixels, each a
+            backbone input; maps are stitched with a smooth window (None = no tiling).
+        tile_overlap: least overlap of neighbouring tiles, as a fraction of ``tile_size``.
 
     Example:
         >>> from patchad.demo import demo_images
@@ -97,7 +110,7 @@ class PatchCore(Detector):
         backbone: str = "wide_resnet50_2",
         layers: tuple[str, ...] | None = None,
         weights: str | None = None,
-        image_size: int = 256,
+        image_size: int | str = 256,
         crop_size: int | None = None,
         patch_size: int = 3,
         embed_dim: int | None = None,
@@ -117,6 +130,9 @@ class PatchCore(Detector):
         calibration_split: float = 0.1,
         fpr: float = 0.01,
         normalization: str = "backbone",
+        resize: str = "squash",
+        tile_size: int | None = None,
+        tile_overlap: float = 0.25,
     ) -> None:
         super().__init__(
             backbone=backbone,
@@ -130,6 +146,9 @@ class PatchCore(Detector):
             calibration_split=calibration_split,
             fpr=fpr,
             normalization=normalization,
+            resize=resize,
+            tile_size=tile_size,
+            tile_overlap=tile_overlap,
         )
         self.patch_size = patch_size
         self.embed_dim = embed_dim
@@ -181,15 +200,19 @@ class PatchCore(Detector):
 
     # ------------------------------------------------------------------ memory
     def _geometry(self) -> tuple[int, int]:
-        """(patches per image, patch feature dim), from backbone metadata only."""
-        info = backbone_info(self.backbone)
-        idx = layer_indices(self.backbone, self.resolved_layers)
+        """(patches per image of the fixed geometry, patch feature dim), from backbone metadata
+        only (``image_size="native"``, without sizes, counts 256 x 256)."""
         dim = self.total_channels()
         if self.embed_dim is not None:
             dim = min(dim, self.embed_dim)
-        side = self.crop_size or self.image_size
-        grid = math.ceil(side / min(info.strides[i] for i in idx))
-        return grid * grid, dim
+        views = self.plan_views([(256, 256)])
+        return self.view_patches(views), dim
+
+    def view_patches(self, views: list[tuple[int, int]]) -> int:
+        """Patches of backbone inputs of (height, width) ``views``: the finest grid's cells."""
+        info = backbone_info(self.backbone)
+        stride = min(info.strides[i] for i in layer_indices(self.backbone, self.resolved_layers))
+        return sum(math.ceil(h / stride) * math.ceil(w / stride) for h, w in views)
 
     def _on_disk(self, feature_bytes: int) -> bool:
         if self.feature_storage != "auto":
@@ -199,6 +222,10 @@ class PatchCore(Detector):
             limit = min(limit, self.max_memory_mb * MB // 4)
         return feature_bytes > limit
 
+    def _coreset_dim(self) -> int:
+        """Dimension of the points the coreset selects among (projected or full)."""
+        return min(self.projection_dim, self._geometry()[1])
+
     def shard_rows(self, patches: int, bank: int) -> int | None:
         """Rows per coreset shard for ``patches`` training patches and a ``bank``-row memory
         bank, or None for the exact greedy over all of them (see ``coreset_shard_size``)."""
@@ -206,11 +233,17 @@ class PatchCore(Detector):
             return None
         rows = self.coreset_shard_size
         if rows is None:
-            rows = auto_shard_rows(patches, bank)
+            rows = auto_shard_rows(patches, bank, self._coreset_dim())
         return rows if rows is not None and patches > rows else None
 
-    def memory_estimate(self, num_images: int) -> dict[str, int]:
+    def memory_estimate(
+        self, num_images: int, views: list[tuple[int, int]] | None = None
+    ) -> dict[str, int]:
         """What fitting ``num_images`` images will hold, in bytes, before any work.
+
+        ``views`` (from :meth:`~patchad.detectors.base.Detector.plan_views`) gives the shapes
+        of every backbone input when they depend on the images (keep_aspect, native, tiles);
+        otherwise each image counts as one of the fixed geometry.
 
         Counts the data the fit keeps (not the backbone weights, activations of one batch, or
         the Python/torch runtime, typically 0.3-0.6 GB more).
@@ -223,7 +256,7 @@ class PatchCore(Detector):
             ``shard_rows`` (rows per coreset shard, 0 for the exact greedy or no coreset).
         """
         per_image, dim = self._geometry()
-        n = num_images * per_image
+        n = num_images * per_image if views is None else self.view_patches(views)
         n_bank = max(1, round(self.coreset_ratio * n))
         item = 2 if self.feature_dtype == "float16" else 4
         projected = self.projection_dim < dim and n_bank < n
@@ -256,19 +289,25 @@ class PatchCore(Detector):
             "shard_rows": rows or 0,
         }
 
-    def describe_memory(self, num_images: int) -> str:
+    def _describe_views(self, num_images: int, views: list[tuple[int, int]]) -> list[str]:
+        return [self.describe_memory(num_images, views)]
+
+    def describe_memory(self, num_images: int, views: list[tuple[int, int]] | None = None) -> str:
         """One line: the :meth:`memory_estimate` in MiB, and how the coreset will be selected."""
-        e = self.memory_estimate(num_images)
+        e = self.memory_estimate(num_images, views)
         mib = {k: e[k] / MB for k in ("features", "disk", "projection", "coreset", "bank", "peak")}
         n, rows = e["patches"], e["shard_rows"]
+        exact = greedy_seconds(n, e["bank_rows"], self._coreset_dim())
         if e["bank_rows"] >= n:
             how = "no coreset (every patch is kept)"
         elif not rows:
-            how = "exact greedy coreset"
+            how = f"exact greedy coreset (estimated at most {exact:.0f} s)"
         else:
+            sharded = sharded_seconds(n, e["bank_rows"], self._coreset_dim(), rows)
             how = (
-                f"coreset in {-(-n // rows)} shards of <= {rows:,} patches (approximate; "
-                f"--set coreset_shard_size=0 for the exact greedy)"
+                f"coreset in {-(-n // rows)} shards of <= {rows:,} patches (approximate, "
+                f"estimated at most {sharded:.0f} s; the exact greedy could take up to "
+                f"{exact:.0f} s: --set coreset_shard_size=0 to choose it)"
             )
         return (
             f"memory estimate: {n:,} patches x {e['dim']} dims; features "
@@ -280,7 +319,7 @@ class PatchCore(Detector):
     def _check_memory(self, num_images: int) -> None:
         if self.max_memory_mb is None:
             return
-        peak = self.memory_estimate(num_images)["peak"]
+        peak = self.memory_estimate(num_images, getattr(self, "_fit_views", None))["peak"]
         if peak > self.max_memory_mb * MB:
             raise ConfigError(
                 f"fitting {num_images} images needs about {peak / MB:.0f} MiB, more than "
@@ -318,7 +357,12 @@ class PatchCore(Detector):
                 if store is None:  # sizes from the first batch
                     dim = rows.shape[1]
                     # room for every image; fewer arrive when unreadable ones are skipped
-                    total = num_images * e.shape[2] * e.shape[3]
+                    planned = getattr(self, "_fit_views", None)
+                    total = (
+                        self.view_patches(planned)
+                        if planned is not None
+                        else num_images * e.shape[2] * e.shape[3]
+                    )
                     project = self.projection_dim < dim and self.coreset_ratio < 1
                     if project:  # psi in Alg. 1
                         matrix = random_projection(dim, self.projection_dim, generator=generator)

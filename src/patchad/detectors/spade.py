@@ -40,7 +40,10 @@ class SPADE(Detector):
         layers: backbone stages, shallow to deep; None = the stages at strides 4, 8 and 16
             (``layer1``-``layer3`` of a ResNet). The deepest gives the image feature.
         weights: None (resolve automatically), a local weights file, or ``"random"``.
-        image_size: input side in pixels (256); with ``crop_size`` the shorter side.
+        image_size: input size: an int S (S x S; with ``crop_size`` or ``keep_aspect`` the
+            shorter side), ``"HxW"``, ``"auto"`` / ``"auto:S"`` (at fit, the training images'
+            median aspect ratio at S x S pixels, S = 256 by default) or ``"native"`` (each
+            image's own size); see ``docs/geometry.md``.
         crop_size: centre crop after resizing (None = no crop; SPADE-pytorch uses 224).
         k: K, the nearest training images per test image (50 as in the paper; SPADE-pytorch
             uses 5); clipped to the number of training images.
@@ -52,6 +55,12 @@ class SPADE(Detector):
         fpr: chosen false-alarm rate for the calibrated image and pixel thresholds.
         normalization: input mean/std: ``"backbone"`` (its pretrained config, the default) or
             ``"imagenet"`` (ImageNet's, as anomalib uses for every backbone).
+        resize: ``"squash"`` (to ``image_size`` exactly, the default) or ``"keep_aspect"`` (the
+            shorter side to ``image_size``, the longer in proportion; see
+            :func:`patchad.geometry.target_size`).
+        tile_size: cut each resized input into overlapping tiles of this many pixels, each a
+            backbone input; maps are stitched with a smooth window (None = no tiling).
+        tile_overlap: least overlap of neighbouring tiles, as a fraction of ``tile_size``.
 
     Example:
         >>> from patchad.demo import demo_images
@@ -71,7 +80,7 @@ class SPADE(Detector):
         backbone: str = "wide_resnet50_2",
         layers: tuple[str, ...] | None = None,
         weights: str | None = None,
-        image_size: int = 256,
+        image_size: int | str = 256,
         crop_size: int | None = None,
         k: int = 50,
         blur_sigma: float = 4.0,
@@ -80,6 +89,9 @@ class SPADE(Detector):
         calibration_split: float = 0.1,
         fpr: float = 0.01,
         normalization: str = "backbone",
+        resize: str = "squash",
+        tile_size: int | None = None,
+        tile_overlap: float = 0.25,
     ) -> None:
         super().__init__(
             backbone=backbone,
@@ -93,6 +105,9 @@ class SPADE(Detector):
             calibration_split=calibration_split,
             fpr=fpr,
             normalization=normalization,
+            resize=resize,
+            tile_size=tile_size,
+            tile_overlap=tile_overlap,
         )
         self.k = k
 
@@ -106,6 +121,15 @@ class SPADE(Detector):
         super()._validate()
         if not isinstance(self.k, int) or self.k < 1:
             raise ConfigError(f"k must be an integer >= 1, got {self.k!r}")
+
+    def _check_views(self, views: list[tuple[int, int]]) -> None:
+        shapes = sorted(set(views))
+        if len(shapes) > 1:
+            raise ConfigError(
+                f"SPADE's gallery needs training inputs of one shape; this geometry gives "
+                f"{len(shapes)} ({shapes[0][0]}x{shapes[0][1]}, {shapes[1][0]}x{shapes[1][1]}, "
+                f"...): use resize=squash or image_size=HxW for training (any shape predicts)"
+            )
 
     def _galleries(self) -> list[Tensor]:
         return [getattr(self, name) for name in self.learned_tensors[1:]]

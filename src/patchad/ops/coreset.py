@@ -196,30 +196,60 @@ def greedy_coreset(
     return chosen
 
 
-#: ``coreset_shard_size=None`` keeps the exact greedy while its worst-case work, n selected
-#: points x N points distance evaluations, is at most this (bottle at 256 px, 10 %: 4.6e9;
-#: without any pruning this much work would take about 7 minutes on the 2-core development
-#: machine, estimated from the 9 GB/s read out of cache, with pruning far less). Past it the
-#: cost grows as N^2: MTD's 779,264 patches at 10 % would take on the order of an hour
-#: (extrapolated), because there the pruning skips almost nothing.
-EXACT_MAX_EVALUATIONS = 2**33
+#: Read rates of one greedy step (addmv + minimum + argmax over every point), measured on the
+#: 2-core development machine by ``benchmarks/bench_coreset_shards.py``
+#: (``benchmarks/results/coreset_shards.txt``): 52 GB/s while the projected points fit in the
+#: CPU cache (up to 8 MiB), 9.3 GB/s beyond. Measured once, not at fit time, so that the
+#: automatic choice (and the bank it gives) does not depend on the machine's load.
+CACHE_BYTES = 8 * 2**20
+CACHE_READ_RATE = 52e9
+MEMORY_READ_RATE = 9.3e9
 
-#: Shard size chosen past :data:`EXACT_MAX_EVALUATIONS`: one shard's projection (16,384 x 128
+#: ``coreset_shard_size=None`` keeps the exact greedy while its estimated worst-case time
+#: (:func:`greedy_seconds`, no pruning) is at most this many seconds. The estimate matches what
+#: was measured where pruning skips little: 712k patches at 1 % (5.1e9 distance evaluations)
+#: took about 310 s of a 389 s fit (issue 16), estimated 279 s. Where pruning works (bottle at
+#: 10 %, estimated 262 s) the exact greedy is faster than estimated, but that cannot be known
+#: before it runs, so past the budget the automatic rule shards.
+EXACT_MAX_SECONDS = 60.0
+
+#: Shard size chosen past :data:`EXACT_MAX_SECONDS`: one shard's projection (16,384 x 128
 #: float32 = 8 MiB) stays in the CPU cache, where a greedy step read 52 GB/s against 9.4 GB/s
 #: for a 50,000-row shard; MTD's whole 10 % selection took 19 s instead of 204 s
 #: (``benchmarks/results/coreset_shards.txt``). Cost is then linear in N.
 AUTO_SHARD_ROWS = 2**14
 
 
-def auto_shard_rows(num: int, n: int) -> int | None:
-    """Rows per shard for an automatic choice: None (exact greedy) when ``n * num`` is at most
-    :data:`EXACT_MAX_EVALUATIONS`, else :data:`AUTO_SHARD_ROWS`.
+def greedy_seconds(num: int, n: int, dim: int) -> float:
+    """Estimated worst-case seconds of :func:`greedy_coreset`: ``n`` steps, each reading all
+    ``num`` points of ``dim`` float32 values at the measured rate (cache or memory).
 
     Args:
         num: N, points to select from.
         n: points to select.
+        dim: dimension of the (projected) points.
     """
-    return None if n * num <= EXACT_MAX_EVALUATIONS else AUTO_SHARD_ROWS
+    size = num * dim * 4
+    return n * size / (CACHE_READ_RATE if size <= CACHE_BYTES else MEMORY_READ_RATE)
+
+
+def sharded_seconds(num: int, n: int, dim: int, shard_rows: int) -> float:
+    """Estimated worst-case seconds of :func:`sharded_greedy_coreset` with ``shard_rows``."""
+    shards = max(1, -(-num // shard_rows))
+    return shards * greedy_seconds(-(-num // shards), -(-n // shards), dim)
+
+
+def auto_shard_rows(num: int, n: int, dim: int = 128) -> int | None:
+    """Rows per shard for an automatic choice: None (exact greedy) when its estimated
+    worst-case time :func:`greedy_seconds` is at most :data:`EXACT_MAX_SECONDS`, else
+    :data:`AUTO_SHARD_ROWS`.
+
+    Args:
+        num: N, points to select from.
+        n: points to select.
+        dim: dimension of the (projected) points (128 = PatchCore's default projection).
+    """
+    return None if greedy_seconds(num, n, dim) <= EXACT_MAX_SECONDS else AUTO_SHARD_ROWS
 
 
 def shard_quota(sizes: list[int], n: int) -> list[int]:

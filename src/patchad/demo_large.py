@@ -1,0 +1,83 @@
+"""A synthetic category of large images (default 2048 x 2048) with defects a few pixels wide,
+which a 256 px squash cannot see (issue 16): for developing and measuring tiling.
+
+The layout is MVTec AD's (``train/good``, ``test/good``, ``test/scratch``,
+``ground_truth/scratch/<name>_mask.png``), so ``patchad benchmark`` and ``evaluate`` read it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+CATEGORY = "large"
+
+
+def large_texture(size: int, rng: np.random.Generator) -> np.ndarray:
+    """A fine woven texture (period 12-16 px) with mild noise, uint8 (size, size, 3)."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    px, py = rng.uniform(12, 16, 2)
+    phase = rng.uniform(0, 2 * np.pi, 2)
+    weave = np.sin(2 * np.pi * x / px + phase[0]) * np.sin(2 * np.pi * y / py + phase[1])
+    gray = 128 + 40 * weave + rng.normal(0, 5, (size, size)).astype(np.float32)
+    tint = np.array([1.0, 0.95, 0.85], dtype=np.float32)
+    return (gray[..., None] * tint).clip(0, 255).astype(np.uint8)
+
+
+def add_scratch(
+    image: np.ndarray, rng: np.random.Generator, width: int = 3
+) -> tuple[np.ndarray, np.ndarray]:
+    """Draw one thin straight scratch (``width`` px, 60-200 px long, dark) at a random place.
+
+    Returns:
+        The image with the scratch, and its boolean mask (size, size).
+    """
+    size = image.shape[0]
+    length = rng.uniform(60, 200)
+    angle = rng.uniform(0, np.pi)
+    cy, cx = rng.uniform(0.15 * size, 0.85 * size, 2)
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    dy, dx = np.sin(angle), np.cos(angle)
+    along = (x - cx) * dx + (y - cy) * dy
+    across = -(x - cx) * dy + (y - cy) * dx
+    mask = (np.abs(along) <= length / 2) & (np.abs(across) <= width / 2)
+    out = image.copy()
+    out[mask] = (out[mask] * 0.35).astype(np.uint8)
+    return out, mask
+
+
+def make_large_dataset(
+    root: str | os.PathLike[str],
+    *,
+    n_train: int = 10,
+    n_test_good: int = 4,
+    n_test_defect: int = 6,
+    size: int = 2048,
+    seed: int = 0,
+) -> Path:
+    """Write the ``large`` category under ``root`` and return its folder.
+
+    Args:
+        root: folder to create the category in.
+        n_train, n_test_good, n_test_defect: image counts.
+        size: image side in pixels (>= 2048 for the issue's purpose; smaller for tests).
+        seed: seeds every texture and defect.
+    """
+    rng = np.random.default_rng(seed)
+    folder = Path(root) / CATEGORY
+    for sub in ("train/good", "test/good", "test/scratch", "ground_truth/scratch"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    for i in range(n_train):
+        Image.fromarray(large_texture(size, rng)).save(folder / "train/good" / f"{i:03d}.png")
+    for i in range(n_test_good):
+        Image.fromarray(large_texture(size, rng)).save(folder / "test/good" / f"{i:03d}.png")
+    for i in range(n_test_defect):
+        image, mask = add_scratch(large_texture(size, rng), rng)
+        Image.fromarray(image).save(folder / "test/scratch" / f"{i:03d}.png")
+        Image.fromarray(mask.astype(np.uint8) * 255).save(
+            folder / "ground_truth/scratch" / f"{i:03d}_mask.png"
+        )
+    return folder
