@@ -37,6 +37,7 @@ def _detectors():
         "patchcore_k3": PatchCore(coreset_ratio=0.5, num_neighbors=3, search="torch", **common),
         "padim": PaDiM(n_features=20, **common),
         "spade": SPADE(k=3, **common),
+        "patchcore_hxw": PatchCore(coreset_ratio=0.25, **{**common, "image_size": "64x96"}),
     }
 
 
@@ -66,7 +67,7 @@ def _assert_equal_predictions(got, ref) -> None:
     assert got.pixel_threshold == ref.pixel_threshold
 
 
-@pytest.mark.parametrize("name", ["patchcore", "patchcore_k3", "padim", "spade"])
+@pytest.mark.parametrize("name", ["patchcore", "patchcore_k3", "padim", "spade", "patchcore_hxw"])
 def test_runtime_equals_torch_model(exported, demo_root: Path, name: str) -> None:
     from patchad.datasets import load_category
     from patchad.evaluate import evaluate
@@ -372,3 +373,18 @@ def test_onnxruntime_missing(exported, demo_root: Path) -> None:
     assert run.stderr.count("\n") == 1
     assert "pip install onnxruntime" in run.stderr
     assert str(path) in run.stderr
+
+
+@pytest.mark.parametrize(
+    "geometry", [{"resize": "keep_aspect"}, {"tile_size": 32}], ids=["keep_aspect", "tiled"]
+)
+def test_export_refuses_a_per_image_geometry(
+    demo_root: Path, tmp_path: Path, geometry: dict
+) -> None:
+    det = PatchCore(
+        backbone=LITE0, image_size=64, coreset_ratio=0.25, calibration_split=0, **geometry
+    )
+    det.fit(sorted((demo_root / "object" / "train" / "good").glob("*.png"))[:4])
+    with pytest.raises(PatchadError, match="export: "):
+        export_onnx(det, tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()

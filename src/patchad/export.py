@@ -235,12 +235,21 @@ def input_size(detector: Any) -> tuple[int, int]:
     """(height, width) of the images the detector's backbone sees, read from its preprocessing.
 
     Raises:
-        PatchadError: the preprocessing cannot be expressed as one resized input (tiling).
+        PatchadError: the preprocessing cannot be expressed as one fixed-size input per image
+            (tiling, ``keep_aspect``, ``native``: the input shape depends on each image).
     """
-    pre = detector.preprocess_
-    if getattr(pre, "tile", None) or getattr(pre, "tiles", None):
+    if getattr(detector, "tile_size", None) is not None:
         raise PatchadError("export: tiled models cannot be exported yet (one input per image)")
-    size = pre.input_size
+    if getattr(detector, "needs_sizes", False):
+        raise PatchadError(
+            "export: this model's input shape depends on each image (resize=keep_aspect, "
+            "image_size=native): not exportable yet; fit with resize=squash and "
+            "image_size=HxW to export"
+        )
+    pre = detector.preprocess_
+    if pre.crop_size:
+        return int(pre.crop_size), int(pre.crop_size)
+    size = pre.image_size
     if isinstance(size, int):
         return size, size
     return int(size[0]), int(size[1])
@@ -269,7 +278,9 @@ def export_metadata(detector: Any, external: dict[str, Any] | None) -> dict[str,
         "input": {"name": "images", "dtype": "uint8", "layout": "NCHW", "channels": "RGB"},
         "outputs": ["scores", "maps"],
         "preprocess": {
-            "image_size": pre.image_size,
+            "image_size": pre.image_size
+            if isinstance(pre.image_size, int)
+            else list(pre.image_size),
             "crop_size": pre.crop_size,
             "mean": list(pre.mean),
             "std": list(pre.std),

@@ -83,7 +83,11 @@ def resize_bilinear(array: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def restore_map(
-    amap: np.ndarray, width: int, height: int, image_size: int, crop_size: int | None
+    amap: np.ndarray,
+    width: int,
+    height: int,
+    image_size: int | tuple[int, int],
+    crop_size: int | None,
 ) -> np.ndarray:
     """Resize one anomaly map from input resolution to its original image's size.
 
@@ -98,6 +102,7 @@ def restore_map(
     """
     if crop_size is None:
         return resize_bilinear(amap, height, width)
+    assert isinstance(image_size, int), "a crop takes an int image_size"
     new_w, new_h = resized_size(width, height, image_size)
     left, top, right, bottom = crop_box(width, height, image_size, crop_size)
     sx, sy = width / new_w, height / new_h

@@ -61,7 +61,10 @@ class ExportedModel:
         self.batch_size = batch_size
         self._session = session
         pre = metadata["preprocess"]
-        self.image_size = int(pre["image_size"])
+        size = pre["image_size"]  # an int (square), or [height, width]
+        self.image_size: int | tuple[int, int] = (
+            int(size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        )
         self.crop_size = None if pre["crop_size"] is None else int(pre["crop_size"])
         calibration = metadata.get("calibration")
         self.fpr = float(metadata["config"].get("fpr", 0.0))
