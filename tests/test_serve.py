@@ -729,3 +729,28 @@ def test_page_in_a_real_browser(
         thread.join(30)
     assert (tmp_path / "page.png").stat().st_size > 10_000
     shutil.copy(tmp_path / "page.png", Path(tempfile.gettempdir()) / "patchad_serve_page.png")
+
+
+def test_serves_an_exported_onnx_model(
+    served: tuple[Any, Path], test_images: list[Path], tmp_path: Path
+) -> None:
+    """An ``.onnx`` model is served through the torch-free runtime, with the facts and answers
+    of the model it was exported from."""
+    pytest.importorskip("onnxruntime")
+    from patchad.export import export_onnx
+    from patchad.serve import load_model
+
+    det, _ = served
+    onnx_path = export_onnx(det, tmp_path / "model.onnx")
+    model = load_model(onnx_path)
+    assert type(model).__module__ == "patchad.runtime"
+    paths = [test_images[0], test_images[-1]]
+    with TestClient(create_app(model, model_file=str(onnx_path))) as c:
+        facts = c.get("/model").json()
+        assert facts["method"] == "patchcore"
+        assert facts["image_threshold"] == pytest.approx(det.image_threshold_)
+        results = c.post("/predict", files=_files(paths)).json()["results"]
+    expected = det.predict(paths)
+    for result, score, decision in zip(results, expected.scores, expected.decisions, strict=True):
+        assert result["score"] == pytest.approx(float(score), rel=1e-4)
+        assert result["anomalous"] == bool(decision)
