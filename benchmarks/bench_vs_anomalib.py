@@ -225,8 +225,8 @@ def main() -> None:
     parser.add_argument(
         "--report-only",
         type=Path,
-        help="rewrite the report from a run's rows.json (with the header lines of FILE.md "
-        "next to it) instead of running anything",
+        help="write the report from a run's rows.json or its printed log (a run stopped early) "
+        "instead of running anything; --workdir gives the maps to recompute the metrics from",
     )
     # child mode
     parser.add_argument("--child", choices=("patchad", "floor"), help=argparse.SUPPRESS)
@@ -242,12 +242,22 @@ def main() -> None:
         print(json.dumps(fn(args)))
         return
     if args.report_only:
-        rows = json.loads(args.report_only.read_text())
-        head = "".join(
-            line + "\n"
-            for line in (RESULTS / args.out).read_text().splitlines()
-            if line.startswith("# ")
+        # rows.json of a run, or the printed log of a run that was stopped early (its row lines)
+        source = args.report_only.read_text()
+        if args.report_only.suffix == ".json":
+            rows = json.loads(source)
+        else:
+            rows = [json.loads(x) for x in source.splitlines() if x.startswith("    {")]
+        head = "".join(x + "\n" for x in source.splitlines() if x.startswith("# "))
+        head = head or "".join(
+            x + "\n" for x in (RESULTS / args.out).read_text().splitlines() if x.startswith("# ")
         )
+        maps = args.workdir / "maps" if args.workdir else None
+        metrics = recompute(maps) if maps and maps.is_dir() else {}
+        for row in rows:
+            if row["tool"] != "floor":
+                row.setdefault("maps_tag", row["tag"].replace("%", "pct"))
+            row |= metrics.get((row.get("maps_tag", ""), row["category"]), {})
         text = head + "\n" + report(rows) + "\n"
         print(text)
         write_results(args.out, text)
