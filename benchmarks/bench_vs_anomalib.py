@@ -252,14 +252,24 @@ def main() -> None:
         head = head or "".join(
             x + "\n" for x in (RESULTS / args.out).read_text().splitlines() if x.startswith("# ")
         )
-        maps = args.workdir / "maps" if args.workdir else None
-        metrics = recompute(maps) if maps and maps.is_dir() else {}
         for row in rows:
             if row["tool"] != "floor":
                 row.setdefault("maps_tag", row["tag"].replace("%", "pct"))
-            row |= metrics.get((row.get("maps_tag", ""), row["category"]), {})
+        # recompute only the maps of rows without metrics yet (links to them in a temp dir)
+        todo = {r["maps_tag"] for r in rows if "maps_tag" in r and "image_auroc" not in r}
+        if args.workdir and todo:
+            with tempfile.TemporaryDirectory() as tmp:
+                for tag in todo:
+                    if (args.workdir / "maps" / tag).is_dir():
+                        (Path(tmp) / tag).symlink_to(args.workdir / "maps" / tag)
+                metrics = recompute(Path(tmp))
+            for row in rows:
+                row |= metrics.get((row.get("maps_tag", ""), row["category"]), {})
+            (args.workdir / "rows_report.json").write_text(json.dumps(rows, indent=1))
         text = head + "\n" + report(rows) + "\n"
         print(text)
+        if args.out:
+            (RESULTS / args.out).parent.mkdir(parents=True, exist_ok=True)
         write_results(args.out, text)
         return
     if args.anomalib_python is None or not args.anomalib_python.is_file():
