@@ -15,6 +15,7 @@ experiments; it detects nothing useful).
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import importlib
@@ -261,6 +262,60 @@ def fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+#: Conv -> batch-norm pairs (attribute names) that the forward of these timm modules runs
+#: back to back, so that the norm folds into the conv; see :func:`fold_batch_norms`.
+FOLDABLE_PAIRS = {
+    "EfficientNetFeatures": (("conv_stem", "bn1"),),
+    "DepthwiseSeparableConv": (("conv_dw", "bn1"), ("conv_pw", "bn2")),
+    "InvertedResidual": (("conv_pw", "bn1"), ("conv_dw", "bn2"), ("conv_pwl", "bn3")),
+}
+
+
+def drop_unused_blocks(model: nn.Module) -> nn.Module:
+    """Drop the blocks past the deepest requested stage of a timm EfficientNet features model.
+
+    timm's ``EfficientNetFeatures`` runs every block even when the last feature it returns comes
+    earlier (lite0 with ``blocks.4`` also ran blocks 5 and 6); its outputs do not change.
+    Other models are returned as they are (timm's generic feature wrappers already stop at the
+    last requested layer).
+    """
+    stages = getattr(model, "_stage_out_idx", None)
+    if type(model).__name__ == "EfficientNetFeatures" and stages and model.feature_hooks is None:
+        model.blocks = model.blocks[: max(stages)]
+    return model
+
+
+def fold_batch_norms(model: nn.Module) -> nn.Module:
+    """Fold eval-mode batch norms into the convolution before them, in place (for inference).
+
+    Only the pairs listed in :data:`FOLDABLE_PAIRS` fold, where the forward runs the conv and the
+    norm back to back: ``w' = w * g / sqrt(v + eps)`` and ``b' = beta + (b - m) * g /
+    sqrt(v + eps)``; a timm ``BatchNormAct2d`` keeps its dropout and activation. The features
+    agree with the unfolded model to float32 rounding (see the tests for the tolerance).
+    """
+    from timm.layers import BatchNormAct2d
+
+    for module in model.modules():
+        for conv_name, bn_name in FOLDABLE_PAIRS.get(type(module).__name__, ()):
+            conv, bn = getattr(module, conv_name), getattr(module, bn_name)
+            if not isinstance(conv, nn.Conv2d) or type(bn) not in (nn.BatchNorm2d, BatchNormAct2d):
+                continue
+            if bn.training or bn.running_mean is None or bn.running_var is None:
+                continue
+            with torch.no_grad():
+                scale = (bn.weight if bn.affine else 1.0) / torch.sqrt(bn.running_var + bn.eps)
+                shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
+                bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+                conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
+                conv.bias = nn.Parameter(shift + (bias - bn.running_mean) * scale)
+                conv.bias.requires_grad_(False)
+            tail = (
+                nn.Sequential(bn.drop, bn.act) if isinstance(bn, BatchNormAct2d) else nn.Identity()
+            )
+            setattr(module, bn_name, tail)
+    return model
+
+
 class FeatureExtractor(nn.Module):
     """A pretrained CNN that returns the feature maps of the named layers.
 
@@ -289,6 +344,10 @@ class FeatureExtractor(nn.Module):
         self.mean = tuple(float(m) for m in cfg.get("mean", (0.485, 0.456, 0.406)))
         self.std = tuple(float(s) for s in cfg.get("std", (0.229, 0.224, 0.225)))
         self.fingerprint = fingerprint(self.model)
+        # the inference copy: blocks past the last stage dropped, batch norms folded; ``model``
+        # keeps the weights as loaded (its state dict is the checkpoint's)
+        fast = fold_batch_norms(drop_unused_blocks(copy.deepcopy(self.model)))
+        object.__setattr__(self, "inference_model", fast)  # not a submodule: no second state
 
     @torch.inference_mode()
     def forward(self, images: Tensor) -> list[Tensor]:
@@ -300,7 +359,7 @@ class FeatureExtractor(nn.Module):
         Returns:
             One tensor per layer, shape (B, C_l, H / stride_l, W / stride_l).
         """
-        return list(self.model(images))
+        return list(self.inference_model(images))
 
 
 @dataclass(frozen=True)
