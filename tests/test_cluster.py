@@ -157,8 +157,10 @@ def test_benchmark_survives_killed_worker(
     cluster: Cluster, demo_root: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "ray"
+    # 128 px cells take long enough to be seen and killed on a fast, idle machine too
     args = ["-q", "benchmark", "--data", str(demo_root), "--methods", "patchcore", *FAST]
-    killer = _Killer(cluster, "run_cell")
+    args += ["--set", "image_size=128"]
+    killer = _Killer(cluster, "run_cell", wait=0.1)
     killer.start()
     try:
         assert main([*args, "--out", str(out), "--ray", cluster.address]) == 0

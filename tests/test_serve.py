@@ -499,20 +499,20 @@ def test_app_answers_503_with_retry_after_past_the_queue(test_images: list[Path]
             )
 
     with TestClient(create_app(Blocked(0.0), max_queue=2, max_wait_ms=0)) as c:
-        with ThreadPoolExecutor(3) as pool:  # 1 in the model, 2 waiting: the queue is full
-            pending = [
-                pool.submit(c.post, "/predict", files=_files(test_images[:1])) for _ in range(3)
-            ]
-            batcher = c.app.state.patchad.batcher
-            deadline = time.monotonic() + 20
-            while batcher.depth < 2 and time.monotonic() < deadline:
-                time.sleep(0.02)
-            refused = c.post("/predict", files=_files(test_images[:1]))
-            assert refused.status_code == 503
-            assert refused.headers["retry-after"] == "1"
-            assert c.get("/health").status_code == 200
-            gate.set()
-            assert [f.result(30).status_code for f in pending] == [200, 200, 200]
+        batcher = c.app.state.patchad.batcher
+        first = batcher.submit([0])  # taken by the worker, which then waits at the gate
+        deadline = time.monotonic() + 20
+        while batcher.depth and time.monotonic() < deadline:
+            time.sleep(0.02)
+        waiting = batcher.submit([1, 2])  # 2 images waiting: the queue is full
+        refused = c.post("/predict", files=_files(test_images[:1]))
+        assert refused.status_code == 503
+        assert refused.headers["retry-after"] == "1"
+        assert c.get("/health").status_code == 200
+        gate.set()
+        for future in [*first, *waiting]:
+            future.result(30)
+        assert c.post("/predict", files=_files(test_images[:1])).status_code == 200
         assert "patchad_rejected_total 1.0" in c.get("/metrics").text
 
 

@@ -417,6 +417,10 @@ class Preprocess:
         size = self.image_size
         return size if isinstance(size, int) else int(size[0])  # type: ignore[index]
 
+    def _crop_side(self) -> int | None:
+        """The shorter side before the crop (None without a crop: maps are then only resized)."""
+        return None if self.crop_size is None else self.input_size_short()
+
     def restore(
         self, maps: Tensor | Sequence[Tensor], sizes: Sequence[tuple[int, int]]
     ) -> list[np.ndarray]:
@@ -432,6 +436,6 @@ class Preprocess:
             value at the nearest crop edge.
         """
         return [
-            restore_map(m.float().numpy(), width, height, self.input_size_short(), self.crop_size)
+            restore_map(m.float().numpy(), width, height, self._crop_side(), self.crop_size)
             for m, (width, height) in zip(maps, sizes, strict=True)
         ]

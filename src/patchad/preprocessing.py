@@ -86,7 +86,7 @@ def restore_map(
     amap: np.ndarray,
     width: int,
     height: int,
-    image_size: int | tuple[int, int],
+    image_size: int | tuple[int, int] | None,
     crop_size: int | None,
 ) -> np.ndarray:
     """Resize one anomaly map from input resolution to its original image's size.
