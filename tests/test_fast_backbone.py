@@ -103,3 +103,15 @@ def test_same_bank_and_scores_as_plain_backbone(
         for ma, mb in zip(a.maps, b.maps, strict=True):
             # PaDiM's Mahalanobis maps amplify the rounding: measured 2.0e-5, bound 1e-4
             assert _rel(torch.from_numpy(ma), torch.from_numpy(mb)) < 1e-4
+
+
+def test_inference_backbone_scores_an_image_the_same_in_any_batch() -> None:
+    """An image's features do not depend on the other images of its batch (the server batches
+    whatever arrives together, and must answer as ``patchad predict`` does)."""
+    fx = features.FeatureExtractor(LITE0, layers=("blocks.2", "blocks.4"))
+    x = torch.rand(8, 3, 128, 128, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    with torch.inference_mode():
+        together = fx.inference_model(x)
+        alone = [fx.inference_model(x[i : i + 1]) for i in range(8)]
+    for layer, full in enumerate(together):
+        assert torch.equal(full, torch.cat([a[layer] for a in alone])), layer

@@ -271,6 +271,15 @@ FOLDABLE_PAIRS = {
 }
 
 
+#: Fold conv + batch norm in the inference copy (2.5x faster lite0 in
+#: ``benchmarks/results/backbone_levers.txt``). Off by default: with folded weights the CPU
+#: kernels chosen for a batch of 8 and for one image round differently (features 2.7e-5 apart
+#: on lite0 at 256 px, measured), so an image's score would depend on its batch-mates, and a
+#: served answer would differ from ``patchad predict`` by more than 1e-5 (4 of 400 in
+#: ``serve_load_quiet.txt``). The unfolded backbone gives the same features in any batch.
+FOLD_BATCH_NORMS = False
+
+
 def drop_unused_blocks(model: nn.Module) -> nn.Module:
     """Drop the blocks past the deepest requested stage of a timm EfficientNet features model.
 
@@ -344,9 +353,12 @@ class FeatureExtractor(nn.Module):
         self.mean = tuple(float(m) for m in cfg.get("mean", (0.485, 0.456, 0.406)))
         self.std = tuple(float(s) for s in cfg.get("std", (0.229, 0.224, 0.225)))
         self.fingerprint = fingerprint(self.model)
-        # the inference copy: blocks past the last stage dropped, batch norms folded; ``model``
-        # keeps the weights as loaded (its state dict is the checkpoint's)
-        fast = fold_batch_norms(drop_unused_blocks(copy.deepcopy(self.model)))
+        # the inference copy: blocks past the last stage dropped (exact), batch norms folded
+        # only where FOLD_BATCH_NORMS says; ``model`` keeps the weights as loaded (its state
+        # dict is the checkpoint's)
+        fast = drop_unused_blocks(copy.deepcopy(self.model))
+        if FOLD_BATCH_NORMS:
+            fast = fold_batch_norms(fast)
         object.__setattr__(self, "inference_model", fast)  # not a submodule: no second state
 
     @torch.inference_mode()
