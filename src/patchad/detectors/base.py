@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from patchad.detectors.inputs import InputGeometry
 from patchad.errors import ConfigError, NotFittedError, PatchadError
 from patchad.features import (
     FeatureExtractor,
@@ -30,13 +31,10 @@ from patchad.geometry import (
     RESIZE_MODES,
     Box,
     Size,
-    auto_side,
-    auto_size,
     parse_image_size,
     stitch,
-    tile_boxes,
 )
-from patchad.loading import ImageLike, Images, as_items, image_dims, iter_batches
+from patchad.loading import ImageLike, Images, as_items, iter_batches
 from patchad.modelfile import read_model, write_model
 from patchad.ops.maps import anomaly_map
 from patchad.prediction import Prediction, decide
@@ -52,7 +50,7 @@ NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]] | None] = 
 }
 
 
-class Detector:
+class Detector(InputGeometry):
     """Base class: fit on good images, predict scores and maps, save and load.
 
     Constructor parameters are keyword-only and stored as given (scikit-learn style); learned
@@ -192,98 +190,6 @@ class Detector:
         self.preprocess_ = Preprocess(
             self.input_size(), self.crop_size, mean, std, self.resize, self.max_stride()
         )
-
-    # ------------------------------------------------------------------ geometry
-    def max_stride(self) -> int:
-        """The largest feature stride of the resolved layers (keep_aspect and auto round to it)."""
-        info = backbone_info(self.backbone)
-        return max(info.strides[i] for i in layer_indices(self.backbone, self.resolved_layers))
-
-    def input_size(self) -> Size | str:
-        """``image_size`` resolved: (H, W), or ``"native"``; ``"auto"`` is resolved by ``fit``
-        (``input_size_``, recorded in the model file) and is a square before it."""
-        if hasattr(self, "input_size_"):
-            return self.input_size_
-        size = parse_image_size(self.image_size)
-        if isinstance(size, str) and size != "native":
-            side = auto_side(size)
-            return side, side
-        return size
-
-    @property
-    def needs_sizes(self) -> bool:
-        """Whether the input geometry depends on each image's own size."""
-        return self.resize == "keep_aspect" or str(self.image_size).startswith(("auto", "native"))
-
-    def _resolve_size(self, sizes: list[Size | None]) -> Size | str:
-        """``input_size_`` for training images of ``sizes`` (height, width)."""
-        size = parse_image_size(self.image_size)
-        if isinstance(size, str) and size != "native":
-            known = [s for s in sizes if s is not None]
-            return auto_size(known, auto_side(size), self.max_stride())
-        return size
-
-    def plan_views(self, sizes: list[Size | None]) -> list[Size]:
-        """(height, width) of every backbone input (an image, or its tiles) for images of
-        ``sizes`` (height, width; None for an unreadable one, which gives none), in order."""
-        pre = Preprocess(
-            self.input_size(), self.crop_size, (0, 0, 0), (1, 1, 1), self.resize, self.max_stride()
-        )
-        views: list[Size] = []
-        for size in sizes:
-            if size is not None:
-                h, w = pre.target(size[1], size[0])
-                views.extend((b[2], b[3]) for b in self.boxes(h, w))
-        return views
-
-    def boxes(self, height: int, width: int) -> list[Box]:
-        """Tiles of a ``height`` x ``width`` input (one box without ``tile_size``)."""
-        return tile_boxes(height, width, self.tile_size, self.tile_overlap)
-
-    def image_sizes(self, items: list[ImageLike]) -> list[Size | None]:
-        """(height, width) of each image from its header, or (1, 1) each when the geometry
-        does not depend on it; None for a file whose header cannot be read."""
-        if not self.needs_sizes:
-            return [(1, 1)] * len(items)
-        return [image_dims(item) for item in items]
-
-    def describe_geometry(self, sizes: list[Size | None]) -> str:
-        """One line: the input size, resize mode and tiles a fit on images of ``sizes`` uses."""
-        size = self.input_size()
-        views = self.plan_views(sizes)
-        shapes = sorted(set(views))
-        text = "native size" if size == "native" else f"{size[0]}x{size[1]}"
-        if str(self.image_size).startswith("auto"):
-            text = f"{text} (image_size={self.image_size}: median aspect ratio of the images)"
-        line = f"geometry: {text}, resize={self.resize}"
-        if self.crop_size is not None:
-            line += f", centre crop {self.crop_size}"
-        if self.tile_size is not None:
-            line += f", tiles of {self.tile_size} px overlapping {self.tile_overlap:g}"
-        shown = ", ".join(f"{h}x{w}" for h, w in shapes[:4]) + (" ..." if len(shapes) > 4 else "")
-        return (
-            f"{line}; {len(views):,} backbone inputs for {len(sizes):,} images "
-            f"({len(shapes)} shape{'s' if len(shapes) != 1 else ''}: {shown})"
-        )
-
-    def describe_fit(self, images: Images) -> list[str]:
-        """What fitting ``images`` will do, before any work: the geometry line (input size,
-        resize, tile count) and, for PatchCore, the memory estimate and coreset choice."""
-        self._validate()
-        sizes = self.image_sizes(as_items(images))
-        saved = self.__dict__.pop("input_size_", None)
-        try:
-            self.input_size_ = self._resolve_size(sizes)
-            views = self.plan_views(sizes)
-            return [self.describe_geometry(sizes), *self._describe_views(len(sizes), views)]
-        finally:
-            del self.input_size_
-            if saved is not None:
-                self.input_size_ = saved
-
-    def _describe_views(self, num_images: int, views: list[Size]) -> list[str]:
-        """Lines :meth:`describe_fit` adds for ``views`` (backbone input shapes)."""
-        return []
 
     def features(self, images: Tensor) -> list[Tensor]:
         """Backbone feature maps of preprocessed images (B, 3, H, W), one per layer."""
