@@ -123,29 +123,52 @@ def test_metadata(exported) -> None:
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
 
 
-def test_patchcore_graph_has_no_query_by_bank_matrix(exported, demo_root: Path, tmp_path) -> None:
-    """A bank of several chunks: no tensor in the graph has a bank-sized axis, and the scores
-    still match."""
+@pytest.mark.parametrize("k", [1, 3])
+def test_patchcore_graph_has_no_query_by_bank_matrix(
+    exported, demo_root: Path, tmp_path: Path, k: int
+) -> None:
+    """A bank of several chunks (the last one partial) searched by one ``Loop``: no tensor in
+    the graph or the loop body has a bank-sized axis, and the scores still match, for k = 1
+    and k = 3 nearest neighbours."""
     import patchad.export as export
     from patchad.runtime import load
 
     det, _, _ = exported["patchcore"]
-    old = export.BLOCK_ELEMENTS
+    old, old_k = export.BLOCK_ELEMENTS, det.num_neighbors
     export.BLOCK_ELEMENTS = 64 * 40  # 40 bank rows per chunk (64 patches per image)
+    det.num_neighbors = k
     try:
         path = export_onnx(det, tmp_path / "chunked.onnx")
+        bank_rows, dim = det.memory_bank_.shape
+        assert bank_rows > 80
+        assert bank_rows % 40  # a partial last chunk
+        padded = -(-bank_rows // 40) * 40
+        model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+        loops = [n for n in model.graph.node if n.op_type == "Loop"]
+        assert len(loops) == 1
+        banks = [t for t in model.graph.initializer if list(t.dims) == [padded, dim]]
+        assert len(banks) == 1  # one copy of the bank, shared by the loop and Eq. 7
+        body = loops[0].attribute[0].g
+        assert [n.op_type for n in body.node].count("Gemm") == 1
+        for value in [*model.graph.value_info, *body.value_info]:
+            sizes = [d.dim_value for d in value.type.tensor_type.shape.dim]
+            assert bank_rows not in sizes, value.name
+            assert padded not in sizes, value.name
+        test = demo_root / "object" / "test"
+        _assert_equal_predictions(load(path).predict(test), det.predict(test))
     finally:
-        export.BLOCK_ELEMENTS = old
-    bank_rows = det.memory_bank_.shape[0]
-    assert bank_rows > 80
-    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
-    chunks = [t for t in model.graph.initializer if list(t.dims)[:1] == [det.memory_bank_.shape[1]]]
-    assert len(chunks) == -(-bank_rows // 40)
-    assert all(t.dims[1] <= 40 for t in chunks)
-    for value in model.graph.value_info:
-        assert bank_rows not in [d.dim_value for d in value.type.tensor_type.shape.dim]
-    test = demo_root / "object" / "test"
-    _assert_equal_predictions(load(path).predict(test), det.predict(test))
+        export.BLOCK_ELEMENTS, det.num_neighbors = old, old_k
+
+
+def test_spade_graph_searches_one_retrieved_image_at_a_time(exported) -> None:
+    """SPADE's pixel kNN is one ``Loop`` per layer over the K retrieved images, and no
+    placeholder op of patchad's is left in the file."""
+    det, _, path = exported["spade"]
+    model = onnx.load(str(path))
+    loops = [n for n in model.graph.node if n.op_type == "Loop"]
+    assert len(loops) == len(det.resolved_layers)
+    assert all(n.domain in ("", "ai.onnx") for n in model.graph.node)
+    assert {o.domain for o in model.opset_import} <= {"", "ai.onnx"}
 
 
 def test_external_data(exported, demo_root: Path, tmp_path: Path) -> None:

@@ -5,10 +5,14 @@ normalisation, the backbone, the method's scoring and the anomaly map (bilinear 
 Gaussian blur, :func:`patchad.ops.maps.anomaly_map`) all run inside it. Outputs: ``scores``
 (N,) and ``maps`` (N, H, W) at input resolution. The batch size is dynamic.
 
-Memory is bounded whatever the bank size: every nearest-neighbour search runs over fixed chunks
-of the bank (PatchCore) or of the gathered gallery (SPADE), each distance block at most
-:data:`BLOCK_ELEMENTS` values per image, and only per-chunk minima are kept; no query-by-bank
-matrix exists anywhere in the graph.
+Memory is bounded whatever the bank size: every nearest-neighbour search is an ONNX ``Loop``,
+over fixed chunks of the bank (PatchCore) or over the K retrieved gallery images (SPADE), each
+distance block at most :data:`BLOCK_ELEMENTS` values per image, and only the running best k (or
+minimum) is carried from one iteration to the next; no query-by-bank matrix exists anywhere in
+the graph. A ``Loop`` (rather than the chunks written out one after another) keeps one block
+alive at a time whatever order the runtime schedules independent nodes in: written out, a
+78,000-row bank peaked at 2.7 GB in onnxruntime and 2.9 GB in OpenVINO (batch 8), which ran all
+the chunks' products before any minimum; as a ``Loop``, 0.32 and 0.54 GB.
 
 Metadata (``metadata_props``): key ``patchad`` holds a JSON object (method, input size,
 preprocessing, calibration scores and thresholds, fpr, backbone, weights fingerprint, patchad
@@ -54,20 +58,266 @@ def _sq(x: Tensor) -> Tensor:
     return (x * x).sum(-1)
 
 
-def _gather_rows(chunks_t: list[Tensor], starts: list[int], index: Tensor) -> Tensor:
-    """Rows ``index`` (any shape) of a bank stored as transposed chunks (D, C_j): shape
-    (*index.shape, D). Each chunk contributes the rows that fall inside it; no full copy of the
-    bank is made."""
-    out = None
-    flat = index.reshape(-1)
-    for chunk_t, start in zip(chunks_t, starts, strict=True):
-        local = flat - start
-        inside = ((local >= 0) & (local < chunk_t.shape[1])).to(chunk_t.dtype)
-        rows = torch.index_select(chunk_t, 1, local.clamp(0, chunk_t.shape[1] - 1)).T
-        part = rows * inside[:, None]
-        out = part if out is None else out + part
-    assert out is not None
-    return out.reshape(*index.shape, chunks_t[0].shape[0])
+class _ChunkedKnn(torch.autograd.Function):
+    """k nearest bank rows of each query, one bank chunk at a time, as one ONNX ``Loop``.
+
+    Traced as a placeholder node ``patchad::ChunkedKnn`` that :func:`_knn_loop`
+    replaces by a ``Loop`` over the chunks: each iteration computes one (Q, C) block of squared
+    distances ``|b|^2 - 2 q.b`` (``Gemm``), keeps its k smallest and merges them with the k
+    best so far. Only one block exists at a time, whatever the runtime's scheduling.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, queries: Tensor, bank: Tensor, bank_sq: Tensor, k: int, rows: int
+    ) -> tuple[Tensor, Tensor]:
+        """queries (Q, D), bank (n_chunks * rows, D) with ``bank_sq`` (n_chunks * rows,)
+        (padding rows +inf) -> squared distances minus |q|^2 (Q, k) and bank indices (Q, k)."""
+        best_v = queries.new_full((queries.shape[0], k), math.inf)
+        best_i = torch.zeros(queries.shape[0], k, dtype=torch.long)
+        for start in range(0, bank.shape[0], rows):
+            d2 = bank_sq[start : start + rows] - 2.0 * queries @ bank[start : start + rows].T
+            v, i = d2.topk(min(k, rows), dim=1, largest=False)
+            v, pos = torch.cat([best_v, v], 1).topk(k, dim=1, largest=False)
+            best_i = torch.gather(torch.cat([best_i, i + start], 1), 1, pos)
+            best_v = v
+        return best_v, best_i
+
+    @staticmethod
+    def symbolic(  # type: ignore[no-untyped-def]
+        g, queries, bank, bank_sq, k: int, rows: int
+    ):
+        values, indices = g.op(
+            "patchad::ChunkedKnn", queries, bank, bank_sq, k_i=k, rows_i=rows, outputs=2
+        )
+        values.setType(queries.type().with_sizes([None, k]))
+        indices.setType(queries.type().with_dtype(torch.long).with_sizes([None, k]))
+        return values, indices
+
+
+def _knn_loop(node: Any, total: int) -> list[Any]:
+    """The nodes that replace one ``patchad::ChunkedKnn`` placeholder: the initial best k
+    (+inf, index 0) and a ``Loop`` over ``total / rows`` bank chunks (see :class:`_ChunkedKnn`)."""
+    from onnx import TensorProto, helper
+
+    queries, bank, bank_sq = node.input
+    values, indices = node.output
+    attrs = {a.name: a.i for a in node.attribute}
+    k, rows = attrs["k"], attrs["rows"]
+    p = f"{values}_knn_"  # unique prefix for this node's names
+
+    def const(name: str, value: list[int]) -> Any:
+        return helper.make_node(
+            "Constant",
+            [],
+            [p + name],
+            value=helper.make_tensor(p + name + "_v", TensorProto.INT64, [len(value)], value),
+        )
+
+    body = [
+        const("rows", [rows]),
+        const("axis0", [0]),
+        const("kc", [min(k, rows)]),
+        const("k", [k]),
+        helper.make_node("Unsqueeze", [p + "iter", p + "axis0"], [p + "iter1"]),
+        helper.make_node("Mul", [p + "iter1", p + "rows"], [p + "start"]),
+        helper.make_node("Add", [p + "start", p + "rows"], [p + "end"]),
+        helper.make_node("Slice", [bank, p + "start", p + "end", p + "axis0"], [p + "chunk"]),
+        helper.make_node("Slice", [bank_sq, p + "start", p + "end", p + "axis0"], [p + "csq"]),
+        helper.make_node(
+            "Gemm", [queries, p + "chunk", p + "csq"], [p + "d2"], alpha=-2.0, transB=1
+        ),
+        helper.make_node("TopK", [p + "d2", p + "kc"], [p + "v", p + "i"], axis=1, largest=0),
+        helper.make_node("Add", [p + "i", p + "start"], [p + "ig"]),
+        helper.make_node("Concat", [p + "v_prev", p + "v"], [p + "cv"], axis=1),
+        helper.make_node("Concat", [p + "i_prev", p + "ig"], [p + "ci"], axis=1),
+        helper.make_node("TopK", [p + "cv", p + "k"], [p + "v_next", p + "pos"], axis=1, largest=0),
+        helper.make_node("GatherElements", [p + "ci", p + "pos"], [p + "i_next"], axis=1),
+        helper.make_node("Identity", [p + "cond"], [p + "cond_next"]),
+    ]
+    loop_body = helper.make_graph(
+        body,
+        p + "body",
+        [
+            helper.make_tensor_value_info(p + "iter", TensorProto.INT64, []),
+            helper.make_tensor_value_info(p + "cond", TensorProto.BOOL, []),
+            helper.make_tensor_value_info(p + "v_prev", TensorProto.FLOAT, None),
+            helper.make_tensor_value_info(p + "i_prev", TensorProto.INT64, None),
+        ],
+        [
+            helper.make_tensor_value_info(p + "cond_next", TensorProto.BOOL, []),
+            helper.make_tensor_value_info(p + "v_next", TensorProto.FLOAT, None),
+            helper.make_tensor_value_info(p + "i_next", TensorProto.INT64, None),
+        ],
+    )
+    inf = helper.make_tensor(p + "inf", TensorProto.FLOAT, [1], [math.inf])
+    zero = helper.make_tensor(p + "zero", TensorProto.INT64, [1], [0])
+    expanded = [
+        const("k_outer", [k]),
+        const("trips", [total // rows]),
+        helper.make_node(
+            "Constant",
+            [],
+            [p + "true"],
+            value=helper.make_tensor(p + "true_v", TensorProto.BOOL, [], [True]),
+        ),
+        helper.make_node("Shape", [queries], [p + "qshape"], end=1),
+        helper.make_node("Concat", [p + "qshape", p + "k_outer"], [p + "shape"], axis=0),
+        helper.make_node("ConstantOfShape", [p + "shape"], [p + "v0"], value=inf),
+        helper.make_node("ConstantOfShape", [p + "shape"], [p + "i0"], value=zero),
+        helper.make_node("Squeeze", [p + "trips"], [p + "trip"]),
+        helper.make_node(
+            "Loop",
+            [p + "trip", p + "true", p + "v0", p + "i0"],
+            [values, indices],
+            body=loop_body,
+        ),
+    ]
+    return expanded
+
+
+class _GalleryMin(torch.autograd.Function):
+    """SPADE's pixel kNN: for each query patch, the smallest ``|g|^2 - 2 q.g`` over the
+    patches g of its image's K retrieved gallery images, one retrieved image at a time, as one
+    ONNX ``Loop`` over the K images (placeholder ``patchad::GalleryMin``, expanded by
+    :func:`_gallery_loop`). Inside an iteration the queries go in parts of ``step`` rows, so a
+    block holds at most ``step * hw`` distances per image."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        queries: Tensor,
+        gallery_t: Tensor,
+        gallery_sq: Tensor,
+        neighbours: Tensor,
+        step: int,
+        count: int,
+        k: int,
+    ) -> Tensor:
+        """queries (B, Q, c), gallery_t (N, c, hw), gallery_sq (N, hw), neighbours (B, K)
+        -> (B, Q); ``count`` = Q and ``k`` = K, static at export."""
+        best = queries.new_full(queries.shape[:2], math.inf)
+        for j in range(neighbours.shape[1]):
+            g_t = torch.index_select(gallery_t, 0, neighbours[:, j])  # (B, c, hw)
+            g_sq = torch.index_select(gallery_sq, 0, neighbours[:, j])[:, None, :]  # (B, 1, hw)
+            parts = [
+                (g_sq - 2.0 * torch.matmul(queries[:, s : s + step], g_t)).amin(2)
+                for s in range(0, queries.shape[1], step)
+            ]
+            best = torch.minimum(best, torch.cat(parts, 1))
+        return best
+
+    @staticmethod
+    def symbolic(  # type: ignore[no-untyped-def]
+        g, queries, gallery_t, gallery_sq, neighbours, step: int, count: int, k: int
+    ):
+        best = g.op(
+            "patchad::GalleryMin",
+            queries,
+            gallery_t,
+            gallery_sq,
+            neighbours,
+            step_i=step,
+            queries_i=count,
+            k_i=k,
+        )
+        best.setType(queries.type().with_sizes([None, count]))
+        return best
+
+
+def _gallery_loop(node: Any) -> list[Any]:
+    """The nodes that replace one ``patchad::GalleryMin`` placeholder: the initial minimum
+    (+inf) and a ``Loop`` over the K retrieved images (see :class:`_GalleryMin`)."""
+    from onnx import TensorProto, helper
+
+    queries, gallery_t, gallery_sq, neighbours = node.input
+    (best,) = node.output
+    attrs = {a.name: a.i for a in node.attribute}
+    step, count, k = attrs["step"], attrs["queries"], attrs["k"]
+    p = f"{best}_gallery_"
+
+    def const(name: str, value: list[int]) -> Any:
+        tensor = helper.make_tensor(p + name + "_v", TensorProto.INT64, [len(value)], value)
+        return helper.make_node("Constant", [], [p + name], value=tensor)
+
+    two = helper.make_tensor(p + "two_v", TensorProto.FLOAT, [], [2.0])
+    body = [
+        const("axis1", [1]),
+        helper.make_node("Constant", [], [p + "two"], value=two),
+        helper.make_node("Gather", [neighbours, p + "iter"], [p + "idx"], axis=1),  # (B,)
+        helper.make_node("Gather", [gallery_t, p + "idx"], [p + "g_t"], axis=0),  # (B, c, hw)
+        helper.make_node("Gather", [gallery_sq, p + "idx"], [p + "g_sq2"], axis=0),
+        helper.make_node("Unsqueeze", [p + "g_sq2", p + "axis1"], [p + "g_sq"]),  # (B, 1, hw)
+    ]
+    parts = []
+    for n, start in enumerate(range(0, count, step)):
+        q = f"{p}q{n}"
+        body += [
+            const(f"s{n}", [start]),
+            const(f"e{n}", [min(start + step, count)]),
+            helper.make_node(
+                "Slice", [queries, f"{p}s{n}", f"{p}e{n}", p + "axis1"], [q]
+            ),  # (B, step, c)
+            helper.make_node("MatMul", [q, p + "g_t"], [q + "_mm"]),
+            helper.make_node("Mul", [q + "_mm", p + "two"], [q + "_2mm"]),
+            helper.make_node("Sub", [p + "g_sq", q + "_2mm"], [q + "_d2"]),
+            helper.make_node("ReduceMin", [q + "_d2"], [q + "_min"], axes=[2], keepdims=0),
+        ]
+        parts.append(q + "_min")
+    if len(parts) > 1:
+        body.append(helper.make_node("Concat", parts, [p + "m"], axis=1))
+    else:
+        body.append(helper.make_node("Identity", parts, [p + "m"]))
+    body += [
+        helper.make_node("Min", [p + "prev", p + "m"], [p + "next"]),
+        helper.make_node("Identity", [p + "cond"], [p + "cond_next"]),
+    ]
+    loop_body = helper.make_graph(
+        body,
+        p + "body",
+        [
+            helper.make_tensor_value_info(p + "iter", TensorProto.INT64, []),
+            helper.make_tensor_value_info(p + "cond", TensorProto.BOOL, []),
+            helper.make_tensor_value_info(p + "prev", TensorProto.FLOAT, None),
+        ],
+        [
+            helper.make_tensor_value_info(p + "cond_next", TensorProto.BOOL, []),
+            helper.make_tensor_value_info(p + "next", TensorProto.FLOAT, None),
+        ],
+    )
+    inf = helper.make_tensor(p + "inf", TensorProto.FLOAT, [1], [math.inf])
+    true = helper.make_tensor(p + "true_v", TensorProto.BOOL, [], [True])
+    trips = helper.make_tensor(p + "trips_v", TensorProto.INT64, [], [k])
+    return [
+        helper.make_node("Constant", [], [p + "trips"], value=trips),
+        helper.make_node("Constant", [], [p + "true"], value=true),
+        helper.make_node("Shape", [queries], [p + "shape"], end=2),
+        helper.make_node("ConstantOfShape", [p + "shape"], [p + "init"], value=inf),
+        helper.make_node("Loop", [p + "trips", p + "true", p + "init"], [best], body=loop_body),
+    ]
+
+
+def _expand_placeholders(model: Any) -> None:
+    """Replace every ``patchad::ChunkedKnn`` and ``patchad::GalleryMin`` node of ``model`` (an
+    ``onnx.ModelProto``) by the ``Loop`` it stands for, in place."""
+    graph = model.graph
+    sizes = {t.name: list(t.dims) for t in graph.initializer}
+    for position, node in enumerate(list(graph.node)):
+        if node.domain != "patchad":
+            continue
+        if node.op_type == "ChunkedKnn":
+            if node.input[1] not in sizes:
+                raise PatchadError("export: the memory bank is not an initializer of the graph")
+            expanded = _knn_loop(node, sizes[node.input[1]][0])
+        else:
+            expanded = _gallery_loop(node)
+        graph.node.remove(node)
+        for offset, new in enumerate(expanded):
+            graph.node.insert(position + offset, new)
+        return _expand_placeholders(model)  # positions changed: look again
+    keep = [o for o in model.opset_import if o.domain != "patchad"]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
 
 
 class _Graph(nn.Module):
@@ -108,21 +358,22 @@ class _Graph(nn.Module):
 
 class _PatchCoreGraph(_Graph):
     """Nearest neighbours over the bank in chunks of at most :data:`BLOCK_ELEMENTS` / P rows
-    per image (P = patches per image), and Eq. 7 with a bank-to-bank neighbour table."""
+    per image (P = patches per image), as a ``Loop`` (:class:`_ChunkedKnn`), and Eq. 7 with a
+    bank-to-bank neighbour table computed at export time."""
 
     def __init__(self, detector: Any) -> None:
         super().__init__(detector)
         from patchad.ops.knn import knn
 
         bank = detector.memory_bank_.float().contiguous()
-        n = bank.shape[0]
+        n, d = bank.shape
         patches = self.grid[0] * self.grid[1]
-        rows = max(1, BLOCK_ELEMENTS // patches)
-        self.starts = list(range(0, n, rows))
-        for j, start in enumerate(self.starts):
-            chunk = bank[start : start + rows]
-            self.register_buffer(f"bank_t_{j}", chunk.T.contiguous())  # (D, C_j)
-            self.register_buffer(f"bank_sq_{j}", _sq(chunk).contiguous())
+        self.chunk_rows = min(n, max(1, BLOCK_ELEMENTS // patches))
+        padded = -(-n // self.chunk_rows) * self.chunk_rows
+        # Padding rows: zero features at squared norm +inf, so never a neighbour.
+        self.register_buffer("bank", torch.cat([bank, bank.new_zeros(padded - n, d)]))
+        sq = torch.cat([_sq(bank), bank.new_full((padded - n,), math.inf)])
+        self.register_buffer("bank_sq", sq.contiguous())
         self.k = min(detector.num_neighbors, n)
         self.reweight = bool(detector.reweight)
         if self.reweight:
@@ -130,27 +381,12 @@ class _PatchCoreGraph(_Graph):
             table = knn(bank, bank, b)[1]  # chunked over queries by knn itself
             self.register_buffer("neighbour_table", table.long().contiguous())  # (N, b)
 
-    def _chunks(self) -> list[Tensor]:
-        return [getattr(self, f"bank_t_{j}") for j in range(len(self.starts))]
-
     def score(self, features: list[Tensor]) -> tuple[Tensor, Tensor | None]:
         e = self.detector.embed(features)  # (B, D, h, w)
         d, h, w = e.shape[1], self.grid[0], self.grid[1]
         queries = e.permute(0, 2, 3, 1).reshape(-1, d)  # (B P, D)
-        values, indices = [], []
-        for j, (chunk_t, start) in enumerate(zip(self._chunks(), self.starts, strict=True)):
-            d2 = getattr(self, f"bank_sq_{j}") - 2.0 * torch.matmul(queries, chunk_t)
-            if self.k == 1:
-                v, i = d2.min(dim=1, keepdim=True)
-            else:
-                v, i = d2.topk(min(self.k, chunk_t.shape[1]), dim=1, largest=False)
-            values.append(v)
-            indices.append(i + start)
-        v, i = torch.cat(values, 1), torch.cat(indices, 1)
-        if len(values) > 1:  # best k over the chunks' best k
-            v, pos = v.topk(self.k, dim=1, largest=False)
-            i = torch.gather(i, 1, pos)
-        dist = (v + _sq(queries)[:, None]).clamp_min(0).sqrt()  # (B P, k)
+        v, i = _ChunkedKnn.apply(queries, self.bank, self.bank_sq, self.k, self.chunk_rows)
+        dist = (v + _sq(queries)[:, None]).clamp_min(0).sqrt()  # Eq. 6 distances (B P, k)
         patch = dist.mean(1).reshape(-1, h * w)  # (B, P)
         if not self.reweight:
             return patch.reshape(-1, h, w), patch.amax(1)
@@ -159,12 +395,14 @@ class _PatchCoreGraph(_Graph):
         q3 = queries.reshape(-1, h * w, d)
         m_test = torch.gather(q3, 1, i_star[:, None, None].expand(-1, 1, d))[:, 0]  # (B, D)
         star = torch.gather(nn_index, 1, i_star[:, None])[:, 0]  # index of m*, (B,)
-        m_star = _gather_rows(self._chunks(), self.starts, star)  # (B, D)
+        m_star = torch.index_select(self.bank, 0, star)  # (B, D)
         neighbours = torch.index_select(self.neighbour_table, 0, star)  # N_b(m*), (B, b)
-        around = _gather_rows(self._chunks(), self.starts, neighbours)  # (B, b, D)
+        around = torch.index_select(self.bank, 0, neighbours.reshape(-1)).reshape(
+            -1, *neighbours.shape[1:], d
+        )
         dn = _sq(m_test[:, None, :] - around).sqrt()  # (B, b)
         d_star = _sq(m_test - m_star).sqrt()
-        ratio = torch.exp(d_star - torch.logsumexp(dn, dim=1))
+        ratio = torch.exp(d_star - torch.logsumexp(dn, dim=1))  # Eq. 7
         return patch.reshape(-1, h, w), (1 - ratio) * s_star
 
 
@@ -188,8 +426,10 @@ class _SPADEGraph(_Graph):
         self.register_buffer("pooled_t", pooled.T.contiguous())
         self.register_buffer("pooled_sq", _sq(pooled).contiguous())
         self.layers = 0
+        self.sizes: list[int] = []  # patches per image of each layer, static at export
         for gallery in detector._galleries():
             n, gh, gw, c = gallery.shape
+            self.sizes.append(int(gh * gw))
             flat = gallery.float().reshape(n, gh * gw, c)
             self.register_buffer(f"gallery_t_{self.layers}", flat.transpose(1, 2).contiguous())
             self.register_buffer(f"gallery_sq_{self.layers}", _sq(flat).contiguous())
@@ -208,21 +448,12 @@ class _SPADEGraph(_Graph):
             gallery_t = getattr(self, f"gallery_t_{layer}")  # (N, c, hw)
             gallery_sq = getattr(self, f"gallery_sq_{layer}")  # (N, hw)
             c, h, w = f.shape[1], f.shape[2], f.shape[3]
-            hw = gallery_t.shape[2]
+            hw = self.sizes[layer]
             queries = f.permute(0, 2, 3, 1).reshape(-1, h * w, c)  # (B, hw, c)
             step = max(1, BLOCK_ELEMENTS // hw)
-            best = None
-            for j in range(self.k):
-                idx = neighbours[:, j]
-                g_t = torch.index_select(gallery_t, 0, idx)  # (B, c, hw)
-                g_sq = torch.index_select(gallery_sq, 0, idx)[:, None, :]  # (B, 1, hw)
-                parts = [
-                    (g_sq - 2.0 * torch.matmul(queries[:, s : s + step], g_t)).amin(2)
-                    for s in range(0, h * w, step)
-                ]
-                m = parts[0] if len(parts) == 1 else torch.cat(parts, 1)  # (B, hw)
-                best = m if best is None else torch.minimum(best, m)
-            assert best is not None
+            best = _GalleryMin.apply(
+                queries, gallery_t, gallery_sq, neighbours, step, hw, self.k
+            )  # (B, hw)
             dist = (best + _sq(queries)).clamp_min(0).sqrt().reshape(-1, 1, h, w)
             layer_maps.append(F.interpolate(dist, size=size, mode="bilinear", align_corners=False))
         return torch.cat(layer_maps, 1).mean(1), image
@@ -361,8 +592,11 @@ def export_onnx(
                 input_names=["images"],
                 output_names=["scores", "maps"],
                 dynamic_axes={"images": {0: "batch"}, "scores": {0: "batch"}, "maps": {0: "batch"}},
+                custom_opsets={"patchad": 1} if detector.method != "padim" else None,
+                autograd_inlining=False,
             )
         model = onnx.load(str(raw))  # external data, if torch wrote any, is loaded in memory
+    _expand_placeholders(model)
     model.producer_name = "patchad"
     size = sum(len(t.raw_data) for t in model.graph.initializer)
     external = None
