@@ -211,9 +211,11 @@ class Scorer:
 
     Each output row is ``{"batch": k, "result": npz bytes, "error": message}``: the npz holds
     ``positions`` (int64, the readable paths' positions in the row's list), ``scores`` (B,)
-    float32 and one ``map<i>`` (H_i, W_i) float32 per readable image. A batch that cannot be
-    scored (an unreadable image without ``skip_bad``) comes back with its error message and no
-    result, so the driver stops on it in input order, after writing the batches before it.
+    float32, one ``map<i>`` (H_i, W_i) float32 per readable image and ``skipped`` (str, the
+    warnings of the images skipped with ``skip_bad``, for the driver to repeat). A batch that
+    cannot be scored (an unreadable image without ``skip_bad``) comes back with its error
+    message and no result, so the driver stops on it in input order, after writing the batches
+    before it.
     """
 
     def __init__(self, model: str, weights: str | None, skip_bad: bool) -> None:
@@ -223,6 +225,8 @@ class Scorer:
         self.skip_bad = skip_bad
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
+        """Ray Data's call: input columns ``batch`` (n,) and ``paths`` (n, list of str), one
+        output row per input row (n is 1: ``map_batches(batch_size=1)``)."""
         out: dict[str, list[Any]] = {"batch": [], "result": [], "error": []}
         for k, paths in zip(batch["batch"], batch["paths"], strict=True):
             out["batch"].append(int(k))
