@@ -224,7 +224,7 @@ def test_predict_equals_local_killed_actor_and_resume(
     local, remote = tmp_path / "local", tmp_path / "ray"
     args = ["-q", "predict", "--model", model, str(data)]
     assert main(["--threads", "1", *args, "--out", str(local)]) == 0
-    killer = _Killer(cluster, "Scorer.score", wait=0.05)
+    killer = _Killer(cluster, "MapWorker(MapBatches(Scorer)).submit", wait=0.05)
     killer.start()
     try:
         assert main([*args, "--out", str(remote), "--ray", cluster.address]) == 0
@@ -256,6 +256,41 @@ def test_predict_equals_local_killed_actor_and_resume(
     for name, content in want.items():
         if not name.startswith("overlays/good/000"):  # the overlay is drawn on the new image
             assert got[name] == content, name
+
+
+def test_predict_skip_bad_equals_local(
+    cluster: Cluster, fitted, demo_root: Path, tmp_path: Path
+) -> None:
+    """Unreadable images skipped on Ray Data: a whole batch of them (nothing comes back for it)
+    and one in a batch. A local run refills its batches with the next readable images, the
+    Ray run keeps the batches of paths: the same files, scores and decisions; the maps of
+    images with other batch-mates equal up to float rounding (they depend on batch-mates)."""
+    from patchad import load
+
+    fitted.save(tmp_path / "fitted.safetensors")
+    det = load(tmp_path / "fitted.safetensors")
+    det.batch_size = 2
+    model = str(tmp_path / "m.safetensors")
+    det.save(model)
+    data = tmp_path / "test"
+    shutil.copytree(demo_root / "object" / "test", data)
+    paths = sorted(data.rglob("*.png"))
+    for bad in (paths[2], paths[3], paths[6]):  # batch 1, and the first image of batch 3
+        bad.write_bytes(b"not an image")
+    local, remote = tmp_path / "local", tmp_path / "ray"
+    args = ["-q", "predict", "--model", model, str(data), "--skip-bad"]
+    assert main(["--threads", "1", *args, "--out", str(local)]) == 0
+    assert main([*args, "--out", str(remote), "--ray", cluster.address]) == 0
+    want, got = _tree(local), _tree(remote)
+    assert len((local / "scores.csv").read_text().splitlines()) == 1 + 7  # header + 7 scored
+    assert set(got) == set(want)
+    for name, content in want.items():
+        if name.startswith("maps/"):
+            assert np.allclose(np.load(remote / name), np.load(local / name), rtol=1e-5), name
+        elif not name.startswith("overlays/"):  # drawn from the maps
+            assert got[name] == content, name
+    for name in ("maps/good/000.npy", "maps/missing/001.npy"):  # batches [0, 1], [4, 5] in both
+        assert got[name] == want[name]
 
 
 def test_padim_fit_on_ray_matches_local(

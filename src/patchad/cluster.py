@@ -194,9 +194,29 @@ def ray_shard_runner(*, cpus_per_task: float = 1.0, max_retries: int = MAX_RETRI
 #: ``--resume`` rescoring nothing that is done.
 JOURNAL = "predict-progress.jsonl"
 
+#: Batches Ray Data queues on one scoring actor at a time (its ``max_tasks_in_flight_per_actor``).
+IN_FLIGHT_PER_ACTOR = 2
+
+#: Ray object store memory that ``predict --ray``'s dataset may fill (its ``resource_limits``):
+#: scored batches waiting for the driver stop the actors beyond it (at least one batch still
+#: runs when a batch is larger). Measured with a trivial 2 MiB-per-batch function, 2 actors and
+#: a driver taking 0.1 s per batch: 77 batches ahead of the driver without a limit, 3-5 with
+#: 1-16 MiB.
+OBJECT_STORE_BUDGET = 256 * 2**20
+
 
 class Scorer:
-    """A Ray actor's state: one detector, loaded once, scoring batches of image files."""
+    """Ray Data's callable class for ``predict --ray``: one detector per actor, loaded once,
+    scoring rows of ``{"batch": k, "paths": [path, ...]}`` (one model batch per row).
+
+    Each output row is ``{"batch": k, "result": npz bytes, "error": message}``: the npz holds
+    ``positions`` (int64, the readable paths' positions in the row's list), ``scores`` (B,)
+    float32, one ``map<i>`` (H_i, W_i) float32 per readable image and ``skipped`` (str, the
+    warnings of the images skipped with ``skip_bad``, for the driver to repeat). A batch that
+    cannot be scored (an unreadable image without ``skip_bad``) comes back with its error
+    message and no result, so the driver stops on it in input order, after writing the batches
+    before it.
+    """
 
     def __init__(self, model: str, weights: str | None, skip_bad: bool) -> None:
         from patchad.detectors import load
@@ -204,19 +224,160 @@ class Scorer:
         self.detector = load(model, weights=weights)
         self.skip_bad = skip_bad
 
-    def score(self, paths: list[str]) -> tuple[list[str], Any, list[Any]]:
-        """Names, raw scores (B,) float32 and maps of the readable images of ``paths``."""
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
+        """Ray Data's call: input columns ``batch`` (n,) and ``paths`` (n, list of str), one
+        output row per input row (n is 1: ``map_batches(batch_size=1)``)."""
+        out: dict[str, list[Any]] = {"batch": [], "result": [], "error": []}
+        for k, paths in zip(batch["batch"], batch["paths"], strict=True):
+            out["batch"].append(int(k))
+            try:
+                out["result"].append(self.score([str(p) for p in paths]))
+                out["error"].append("")
+            except PatchadError as exc:
+                out["result"].append(b"")
+                out["error"].append(str(exc))
+        return out
+
+    def score(self, paths: list[str]) -> bytes:
+        """The npz bytes described in the class docstring for one batch of ``paths``."""
+        import io
+        import warnings
+
         import numpy as np
+
+        from patchad.batching import SkippedImageWarning
 
         names: list[str] = []
         scores: list[Any] = []
         maps: list[Any] = []
-        for part in self.detector.iter_predict(paths, skip_bad=self.skip_bad):
-            names.extend(part.names)
-            scores.append(part.scores)
-            maps.extend(part.maps)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", SkippedImageWarning)
+            try:
+                for part in self.detector.iter_predict(paths, skip_bad=self.skip_bad):
+                    names.extend(part.names)
+                    scores.append(part.scores)
+                    maps.extend(part.maps)
+            except PatchadError:
+                lost = [w for w in caught if issubclass(w.category, SkippedImageWarning)]
+                if not (self.skip_bad and len(lost) == len(paths)):
+                    raise  # else: every image of the batch skipped, which is not an error here
+        skipped = [str(w.message) for w in caught if issubclass(w.category, SkippedImageWarning)]
+        positions, pending = [], iter(range(len(paths)))
+        for name in names:  # the batch's readable images, in order
+            positions.append(next(i for i in pending if paths[i] == name))
         joined = np.concatenate(scores) if scores else np.zeros(0, dtype=np.float32)
-        return names, joined, maps
+        arrays = {f"map{i}": m for i, m in enumerate(maps)}
+        buffer = io.BytesIO()
+        np.savez(
+            buffer,
+            positions=np.array(positions, dtype=np.int64),
+            scores=joined,
+            skipped=np.array(skipped, dtype=str),
+            **arrays,
+        )
+        return buffer.getvalue()
+
+
+def _unpack(result: bytes) -> tuple[list[int], Any, list[Any], list[str]]:
+    """Positions, scores, maps and skipped-image warnings from :meth:`Scorer.score`'s bytes."""
+    import io
+
+    import numpy as np
+
+    with np.load(io.BytesIO(result)) as z:
+        positions = [int(i) for i in z["positions"]]
+        maps = [z[f"map{i}"] for i in range(len(positions))]
+        return positions, z["scores"], maps, [str(m) for m in z["skipped"]]
+
+
+def _data_failure(exc: BaseException) -> str:
+    """One line naming why Ray Data stopped: the innermost cause of ``exc``."""
+    seen = {id(exc)}
+    while True:
+        nxt = getattr(exc, "cause", None) or exc.__cause__
+        if nxt is None or id(nxt) in seen:
+            break
+        seen.add(id(nxt))
+        exc = nxt
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    return " ".join(f"{type(exc).__name__}: {first}".split())
+
+
+@contextlib.contextmanager
+def _quiet_ray_data() -> Iterator[None]:
+    """Ray Data's INFO/WARNING lines (execution started/finished, progress bars off) stay out
+    of the CLI's stderr while the block runs, and so do its deprecation warnings."""
+    import logging
+    import warnings
+
+    import ray.data  # noqa: F401  (configures its logger on first import: before the level)
+
+    logger = logging.getLogger("ray.data")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            # Ray Data's own deprecation notices (DataContext fields, ray_remote_args)
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray\.")
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _score_stream(
+    paths: list[str],
+    todo: list[int],
+    batches: list[list[int]],
+    *,
+    model: str,
+    weights: str | None,
+    skip_bad: bool,
+    actors: int,
+    cpus_per_task: float,
+    max_retries: int,
+) -> Iterator[dict[str, Any]]:
+    """Ray Data rows ``{"batch", "result", "error"}`` of the batches ``todo``, in that order.
+
+    One row per batch in, one per batch out (``batch_size=1`` row, so a model batch is always
+    the ``batch_size`` paths of the local run: Ray Data's own block splitting would not keep
+    that grid). ``preserve_order`` streams the rows back in input order; at most
+    ``actors x IN_FLIGHT_PER_ACTOR`` batches are queued on the actors, and the finished ones
+    waiting for the driver fill at most about ``OBJECT_STORE_BUDGET`` of the object store.
+    """
+    import ray.data
+
+    items = [{"batch": k, "paths": [paths[i] for i in batches[k]]} for k in todo]
+    ds = ray.data.from_items(items)
+    ds.context.execution_options.preserve_order = True
+    limits = ds.context.execution_options.resource_limits
+    ds.context.execution_options.resource_limits = limits.copy(
+        object_store_memory=OBJECT_STORE_BUDGET
+    )
+    ds.context.enable_progress_bars = False
+    ds.context.print_on_execution_start = False
+    # max_restarts/max_task_retries go through map_batches' ray_remote_args, the only way Ray
+    # Data 2.60 takes them (deprecated there, warning silenced by _quiet_ray_data; left out,
+    # Ray Data restarts an actor and reruns its batch forever)
+    scored = ds.map_batches(
+        Scorer,
+        fn_constructor_args=(model, weights, skip_bad),
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(
+            size=actors, max_tasks_in_flight_per_actor=IN_FLIGHT_PER_ACTOR
+        ),
+        num_cpus=cpus_per_task,
+        max_restarts=max_retries,
+        max_task_retries=max_retries,
+    )
+    rows = iter(scored.iter_rows())
+    try:
+        yield from rows
+    finally:
+        close = getattr(rows, "close", None)
+        if close is not None:
+            close()  # stops the executor and its actors when the driver stops early
 
 
 def _read_journal(path: Path, batches: list[list[int]]) -> dict[int, tuple[list[int], list[float]]]:
@@ -251,14 +412,16 @@ def predict(
     max_retries: int = MAX_RETRIES,
     on_progress: Callable[[int], None] | None = None,
 ) -> Any:
-    """``patchad predict`` on Ray: batches of ``detector.batch_size`` input paths scored by
-    actors that each load the model once; this process feeds the results, in input order, to
+    """``patchad predict`` on Ray Data: the batches of ``detector.batch_size`` input paths
+    still to do go through ``map_batches`` on a pool of :class:`Scorer` actors (one per
+    ``cpus_per_task`` CPUs of the cluster, each loading the model once); this process streams
+    the results back in input order and feeds them to
     :func:`patchad.outputs.write_predictions`, so the files are those of a local run.
 
-    An actor whose process dies is restarted and its batch rerun (up to ``max_retries``
-    times). Each written batch is recorded in ``out/predict-progress.jsonl``; with ``resume``,
-    batches recorded there are read back from ``maps/`` instead of being scored again. The
-    record is removed when the run completes.
+    An actor whose process dies is restarted and its batch rerun (Ray's ``max_restarts`` and
+    ``max_task_retries``, ``max_retries`` each). Each written batch is recorded in
+    ``out/predict-progress.jsonl``; with ``resume``, batches recorded there are read back from
+    ``maps/`` instead of being scored again. The record is removed when the run completes.
 
     Args:
         detector: the loaded model (its thresholds make the decisions, here).
@@ -270,19 +433,25 @@ def predict(
         skip_bad: skip unreadable images instead of stopping.
         resume: keep the batches recorded by an interrupted run.
         cpus_per_task: CPUs each actor reserves; the cluster's CPUs / this = actors.
+        max_retries: restarts of a dead actor, and reruns of its batch.
+        on_progress: called with the number of images in each written batch.
 
     Returns:
         :class:`patchad.outputs.WrittenOutputs`.
+
+    Raises:
+        PatchadError: an image could not be scored (the batches before it are written and
+            recorded), or Ray Data failed (a batch still lost after its retries).
     """
     import json
+    import warnings
 
     import numpy as np
 
+    from patchad.batching import SkippedImageWarning
     from patchad.outputs import output_names, write_predictions
 
     ray = _ray()
-    from ray.util import ActorPool
-
     size = detector.batch_size
     batches = [list(range(i, min(i + size, len(paths)))) for i in range(0, len(paths), size)]
     journal = out / JOURNAL
@@ -291,18 +460,25 @@ def predict(
         journal.unlink(missing_ok=True)
     names = output_names(paths, sources)
     todo = [k for k in range(len(batches)) if k not in done]
-    actor = ray.remote(Scorer).options(
-        num_cpus=cpus_per_task, max_restarts=max_retries, max_task_retries=max_retries
-    )
     count = max(1, min(len(todo), int(workers(cpus_per_task))))
-    actors = [actor.remote(str(model), weights, skip_bad) for _ in range(count if todo else 0)]
-
-    def submit(a: Any, k: int) -> Any:
-        return a.score.remote([str(paths[i]) for i in batches[k]])
-
-    scored = ActorPool(actors).map(submit, todo) if todo else iter(())
+    stream = (
+        _score_stream(
+            [str(p) for p in paths],
+            todo,
+            batches,
+            model=str(model),
+            weights=weights,
+            skip_bad=skip_bad,
+            actors=count,
+            cpus_per_task=cpus_per_task,
+            max_retries=max_retries,
+        )
+        if todo
+        else iter(())
+    )
 
     def parts() -> Any:
+        scored = 0
         with open(journal, "a") as log:
             for k in range(len(batches)):
                 if k in done:
@@ -311,32 +487,41 @@ def predict(
                     values = np.array(scores, dtype=np.float32)
                 else:
                     try:
-                        got, values, maps = next(scored)
+                        row = next(stream)
                     except ray.exceptions.RayError as exc:
-                        cause = getattr(exc, "cause", None)
-                        if isinstance(cause, PatchadError):
-                            raise PatchadError(str(cause)) from None
-                        raise PatchadError(_failure(exc, max_retries)) from None
-                    index, pending = [], iter(batches[k])
-                    for name in got:  # the batch's readable images, in order
-                        index.append(next(i for i in pending if str(paths[i]) == name))
+                        raise PatchadError(f"predict --ray: {_data_failure(exc)}") from None
+                    except StopIteration:
+                        raise PatchadError(f"predict --ray: batch {k} never came back") from None
+                    if int(row["batch"]) != k:  # preserve_order broken: never write out of order
+                        raise PatchadError(f"predict --ray: got batch {row['batch']}, not {k}")
+                    if row["error"]:
+                        raise PatchadError(row["error"])
+                    positions, values, maps, skipped = _unpack(row["result"])
+                    for message in skipped:  # as a local run warns, from the driver
+                        warnings.warn(message, SkippedImageWarning, stacklevel=1)
+                    index = [batches[k][p] for p in positions]
+                scored += len(index)
                 yield detector._decide(values, maps, [str(paths[i]) for i in index])
                 # write_predictions asks for the next part once this one's files are written
                 entry = {"batch": k, "index": index, "scores": [float(s) for s in values]}
                 log.write(json.dumps(entry) + "\n")
                 log.flush()
+        if paths and not scored:  # skip_bad, and every image skipped: as iter_predict says
+            raise PatchadError(f"none of the {len(paths)} images could be read (first: {paths[0]})")
 
-    try:
-        written = write_predictions(
-            parts(),
-            paths,
-            out,
-            sources=sources,
-            pixel_threshold=detector.pixel_threshold_ if detector.is_calibrated else None,
-            on_progress=on_progress,
-        )
-    finally:
-        for a in actors:
-            ray.kill(a)
+    with _quiet_ray_data():
+        try:
+            written = write_predictions(
+                parts(),
+                paths,
+                out,
+                sources=sources,
+                pixel_threshold=detector.pixel_threshold_ if detector.is_calibrated else None,
+                on_progress=on_progress,
+            )
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
     journal.unlink(missing_ok=True)
     return written
