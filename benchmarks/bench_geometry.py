@@ -14,6 +14,10 @@ Usage (one command per table)::
     # native resolution, and the cost as the tile count grows (2x2, 3x3, 4x4, 5x5 tiles)
     PYTHONPATH=src python3 benchmarks/bench_geometry.py --large --out geometry_large.md
 
+In ``--large`` PatchCore keeps a 1 % coreset (``--coreset-ratio`` to change it) in every row.
+``--methods patchcore,padim`` adds PaDiM there, but one Gaussian per (tile, position) at native
+2048 px is 350k-410k positions x 100 x 100, about 14-17 GB (its fit prints the estimate).
+
 ``--limit N`` keeps N training and N test images (evenly spaced over the test set) to check
 that a command runs end to end before the long measurement.
 
@@ -44,6 +48,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import BOTTLE, header, peak_rss_mb, run_isolated, write_results
 
+#: PatchCore's coreset ratio in ``--large`` unless ``--coreset-ratio`` is given: at 10 % the
+#: bank of 2048 px images made the nearest-neighbour search ~30-40 s per test image (2 cores).
+LARGE_CORESET_RATIO = 0.01
 #: Methods whose training inputs must share one shape (their keep_aspect is ``auto:S``).
 ONE_SHAPE = ("padim", "spade")
 COLUMNS = (
@@ -65,6 +72,11 @@ def settings_for(method: str, variant: str, image_size: int, tile_size: int) -> 
     if variant == "tiled":
         settings["tile_size"] = tile_size
     return settings
+
+
+def with_ratio(method: str, settings: dict, ratio: float | None) -> dict:
+    """``settings`` with ``coreset_ratio`` for PatchCore when ``ratio`` is given."""
+    return {**settings, "coreset_ratio": ratio} if method == "patchcore" and ratio else settings
 
 
 def _subset(test_set, limit: int | None):
@@ -151,6 +163,7 @@ def variants_table(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     for method in args.methods.split(","):
         for variant in args.variants.split(","):
             settings = settings_for(method, variant, args.image_size, args.tile_size)
+            settings = with_ratio(method, settings, args.coreset_ratio)
             spec = {"data": args.data, "method": method, "settings": settings}
             result = run({**spec, "limit": args.limit})
             lines.append(table_row(f"{method} | {variant}", result))
@@ -179,6 +192,7 @@ def scale_table(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     plan += [(s, [s]) for s in sizes if s != args.train_scale]
     for train_size, test_sizes in plan:
         settings = {"image_size": train_size, "resize": "keep_aspect"}
+        settings = with_ratio("patchcore", settings, args.coreset_ratio)
         spec = {"data": args.data, "method": "patchcore", "settings": settings}
         result = run({**spec, "limit": args.limit, "test_sizes": test_sizes})
         for i, size in enumerate(test_sizes):
@@ -233,6 +247,7 @@ def large_table(args: argparse.Namespace) -> tuple[list[str], list[str]]:
             settings = {"image_size": "native", "tile_size": tile}
             rows.append((f"native, tile {tile}", settings, tiles))
         for label, settings, tiles in rows:
+            settings = with_ratio(method, settings, args.coreset_ratio or LARGE_CORESET_RATIO)
             spec = {"data": str(folder), "method": method, "settings": settings}
             result = run({**spec, "limit": args.limit})
             lines.append(table_row(f"{method} | {label} | {tiles}", result))
@@ -253,6 +268,12 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--tile-size", type=int, default=128)
     parser.add_argument("--limit", type=int, default=None, help="N train and N test images")
+    parser.add_argument(
+        "--coreset-ratio",
+        type=float,
+        default=None,
+        help=f"PatchCore's (default: its own, 0.1; {LARGE_CORESET_RATIO} with --large)",
+    )
     parser.add_argument("--scale-test", action="store_true", help="PatchCore across scales")
     parser.add_argument("--train-scale", type=int, default=256)
     parser.add_argument("--scales", default="192,256,320", help="test (and same-size) scales")
