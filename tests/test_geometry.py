@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from patchad import PatchCore, load
+from patchad import PaDiM, PatchCore, load
 from patchad.detectors import DETECTORS
 from patchad.errors import ConfigError, PatchadError
 from patchad.geometry import (
@@ -219,8 +219,112 @@ def test_padim_resizes_other_shapes_to_training_geometry(tmp_path: Path) -> None
         DETECTORS["padim"](
             backbone=LITE0, image_size="native", n_features=20, calibration_split=0
         ).fit([texture(64, 128, 0), texture(64, 96, 1)])
-    with pytest.raises(ConfigError, match="tile_size"):
-        DETECTORS["padim"](backbone=LITE0, image_size=64, tile_size=32, n_features=20).fit(train)
+
+
+# ---------------------------------------------------------------- PaDiM with tiles
+def square_defect(image: Image.Image, top: int, left: int, side: int) -> Image.Image:
+    array = np.array(image)
+    array[top : top + side, left : left + side] = (230, 30, 30)
+    return Image.fromarray(array)
+
+
+def tiled_padim(**geometry) -> PaDiM:
+    return PaDiM(backbone=LITE0, n_features=20, calibration_split=0, batch_size=4, **geometry)
+
+
+@pytest.mark.parametrize("side", [64, 80], ids=["exact_multiple", "not_a_multiple"])
+def test_padim_tiled_finds_defect_in_its_tile(side: int, tmp_path: Path) -> None:
+    """One Gaussian per (tile, position): a defect inside one tile is where the map peaks, on
+    an image that is an exact multiple of the tile (4 tiles, no overlap) and one that is not
+    (9 overlapping tiles); the layout round-trips through the model file."""
+    good = [texture(side, side, s) for s in range(8)]
+    det = tiled_padim(image_size=side, tile_size=32, tile_overlap=0.0)
+    lines = det.describe_fit(good)
+    tiles = 4 if side == 64 else 9
+    assert f"{tiles * 8} backbone inputs for 8 images" in lines[0]
+    assert f"{tiles * 64:,} positions ({tiles} tiles x 64) x 20 x 20" in lines[1]
+    det.fit(good)
+    assert det.tile_count() == tiles
+    assert det.mean_.shape == (tiles * 64, 20)  # 8 x 8 cells of stride 4 per 32 px tile
+    assert det.inv_cov_.shape == (tiles * 64, 20, 20)
+    top, left = side - 20, 6  # inside the bottom-left tile only
+    bad = square_defect(texture(side, side, 99), top, left, 8)
+    pred = det.predict([bad, texture(side, side, 98)])
+    assert pred.maps[0].shape == (side, side)
+    y, x = np.unravel_index(int(np.argmax(pred.maps[0])), pred.maps[0].shape)
+    assert top <= y < top + 8, (y, x)
+    assert left <= x < left + 8, (y, x)
+    assert pred.scores[0] > pred.scores[1]
+    assert pred.scores[0] == pytest.approx(float(pred.maps[0].max()))
+    det.calibrate(good[:4])  # calibration composes: thresholds from the stitched maps
+    assert det.is_calibrated
+    det.save(tmp_path / "p.safetensors")
+    again = load(tmp_path / "p.safetensors")
+    assert again.tile_boxes_ == det.tile_boxes_
+    assert again.input_shape_ == (side, side)
+    repeat = again.predict([bad, texture(side, side, 98)])
+    np.testing.assert_array_equal(repeat.scores, pred.scores)
+    np.testing.assert_array_equal(repeat.maps[0], pred.maps[0])
+    assert again.image_threshold_ == det.image_threshold_
+
+
+def test_padim_one_tile_equals_untiled(demo_root: Path) -> None:
+    """A tile covering the whole input (tile_size equal to or above it) is one view with the
+    untiled Gaussians: the same scores and maps exactly."""
+    train = demo_root / "object" / "train" / "good"
+    test = demo_root / "object" / "test"
+    plain = tiled_padim(image_size=64).fit(train).predict(test)
+    for tile in (64, 96):
+        tiled = tiled_padim(image_size=64, tile_size=tile).fit(train)
+        assert tiled.tile_count() == 1
+        pred = tiled.predict(test)
+        np.testing.assert_array_equal(pred.scores, plain.scores)
+        for a, b in zip(pred.maps, plain.maps, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_padim_tiled_other_test_shape_is_resized_to_training_layout(tmp_path: Path) -> None:
+    """keep_aspect 64 px strips (64 x 128) give 2 tiles of 64; a square test image gives a
+    64 x 64 input (1 tile), so it is resized (bilinear) to 64 x 128, cut into the training
+    tiles, and its map resized back (the documented PaDiM limitation)."""
+    train = [texture(64, 128, s) for s in range(6)]
+    det = tiled_padim(image_size=64, resize="keep_aspect", tile_size=64, tile_overlap=0.0)
+    det.fit(train)
+    assert det.input_shape_ == (64, 128)
+    assert det.tile_boxes_ == [(0, 0, 64, 64), (0, 64, 64, 64)]
+    square = texture(96, 96, 7)
+    pred = det.predict([square])
+    assert pred.maps[0].shape == (96, 96)
+    tensor = det.preprocess_(square)
+    assert tuple(tensor.shape[-2:]) == (64, 64)
+    resized = torch.nn.functional.interpolate(
+        tensor[None], size=(64, 128), mode="bilinear", align_corners=False
+    )[0]
+    boxes = det.boxes(64, 128)
+    _, maps = det.predict_tensor(torch.stack([resized[:, :, x : x + w] for _, x, _, w in boxes]))
+    full = torch.from_numpy(stitch([m.numpy() for m in maps], boxes, 64, 128))
+    back = torch.nn.functional.interpolate(
+        full[None, None], size=(64, 64), mode="bilinear", align_corners=False
+    )[0, 0]
+    assert pred.scores[0] == pytest.approx(float(back.max()), rel=1e-5)
+    # training inputs of one tile shape but different tile counts are refused
+    with pytest.raises(ConfigError, match="one shape"):
+        tiled_padim(image_size="native", tile_size=32).fit(
+            [texture(64, 64, 0), texture(64, 96, 1), texture(64, 64, 2)]
+        )
+
+
+def test_padim_tiled_refuses_export_and_shards(tmp_path: Path) -> None:
+    from patchad.export import export_onnx
+    from patchad.sharded import fit_padim_sharded
+
+    train = [texture(64, 64, s) for s in range(3)]
+    det = tiled_padim(image_size=64, tile_size=32).fit(train)
+    with pytest.raises(PatchadError, match="tiled models cannot be exported"):
+        export_onnx(det, tmp_path / "p.onnx")
+    assert not (tmp_path / "p.onnx").exists()
+    with pytest.raises(ConfigError, match="sharded PaDiM fit does not support tile_size"):
+        fit_padim_sharded(tiled_padim(image_size=64, tile_size=32), train, shards=2)
 
 
 # ---------------------------------------------------------------- model file round trip

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from patchad.detectors.padim import PaDiM
 from patchad.detectors.patchcore import MB, PatchCore
-from patchad.errors import PatchadError
+from patchad.errors import ConfigError, PatchadError
 from patchad.ops.coreset import greedy_coreset, random_projection, shard_quota
 from patchad.ops.gaussian import Moments, merge_moments
 from patchad.store import RowStore
@@ -237,6 +237,11 @@ def fit_padim_sharded(
     from patchad.features import backbone_info, layer_indices
 
     detector._validate()
+    if detector.tile_size is not None:
+        raise ConfigError(
+            "a sharded PaDiM fit does not support tile_size (its shards would not share the "
+            "tile layout); fit a tiled PaDiM in one process"
+        )
     if calibration is not None:
         train, calib = list(images), list(calibration)
     else:

@@ -201,14 +201,16 @@ class Detector(InputGeometry):
         return [tensor[:, t : t + h, x : x + w] for t, x, h, w in boxes], boxes
 
     def _grouped(self, views: list[Tensor]) -> Iterator[tuple[list[int], Tensor]]:
-        """Same-shape views stacked, at most ``batch_size`` at a time (shape bucketing, never
-        padding), with their indices into ``views``; shapes in first-seen order."""
+        """Same-shape views stacked, at most :meth:`_views_per_pass` at a time (shape
+        bucketing, never padding), with their indices into ``views``; shapes in first-seen
+        order, and views of one shape in their order."""
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, view in enumerate(views):
             groups.setdefault(tuple(view.shape), []).append(i)
+        step = self._views_per_pass()
         for index in groups.values():
-            for start in range(0, len(index), self.batch_size):
-                part = index[start : start + self.batch_size]
+            for start in range(0, len(index), step):
+                part = index[start : start + step]
                 yield part, torch.stack([views[i] for i in part])
 
     def _feature_batches(
@@ -281,8 +283,9 @@ class Detector(InputGeometry):
         self.__dict__.pop("input_size_", None)
         sizes = self.image_sizes(train)
         self.input_size_ = self._resolve_size(sizes)
+        self._fit_inputs = self.plan_inputs(sizes)
         self._fit_views = self.plan_views(sizes)
-        self._check_views(self._fit_views)
+        self._check_views(self._fit_views, self._fit_inputs)
         self._check_resources(len(train))
         self._build()
         batches = self._feature_batches(train, progress, f"{self.method} fit", skip_bad)
@@ -467,9 +470,15 @@ class Detector(InputGeometry):
         return image_scores, maps
 
     # ------------------------------------------------------------------ hooks
-    def _check_views(self, views: list[Size]) -> None:
-        """Refuse, before any work, training inputs of shapes the method cannot use; raise
+    def _check_views(self, views: list[Size], inputs: list[Size]) -> None:
+        """Refuse, before any work, training backbone inputs (``views``: images or tiles) or
+        resized images (``inputs``, before tiling) of shapes the method cannot use; raise
         :class:`ConfigError` (the default accepts any)."""
+
+    def _views_per_pass(self) -> int:
+        """Most same-shape views stacked into one backbone pass (``batch_size``; PaDiM keeps
+        an image's tiles together)."""
+        return self.batch_size
 
     def _model_input(self, images: Tensor) -> Tensor:
         """The tensor the backbone scores for inputs (B, 3, H, W); PaDiM resizes to its

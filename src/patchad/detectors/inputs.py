@@ -5,6 +5,8 @@ size arithmetic is in :mod:`patchad.geometry`."""
 
 from __future__ import annotations
 
+import math
+
 from patchad.features import (
     Preprocess,
     backbone_info,
@@ -54,18 +56,25 @@ class InputGeometry:
             return auto_size(known, auto_side(size), self.max_stride())
         return size
 
-    def plan_views(self, sizes: list[Size | None]) -> list[Size]:
-        """(height, width) of every backbone input (an image, or its tiles) for images of
+    def plan_inputs(self, sizes: list[Size | None]) -> list[Size]:
+        """(height, width) of each image's resized input (before tiling) for images of
         ``sizes`` (height, width; None for an unreadable one, which gives none), in order."""
         pre = Preprocess(
             self.input_size(), self.crop_size, (0, 0, 0), (1, 1, 1), self.resize, self.max_stride()
         )
-        views: list[Size] = []
-        for size in sizes:
-            if size is not None:
-                h, w = pre.target(size[1], size[0])
-                views.extend((b[2], b[3]) for b in self.boxes(h, w))
-        return views
+        return [pre.target(size[1], size[0]) for size in sizes if size is not None]
+
+    def plan_views(self, sizes: list[Size | None]) -> list[Size]:
+        """(height, width) of every backbone input (an image, or its tiles) for images of
+        ``sizes`` (height, width; None for an unreadable one, which gives none), in order."""
+        return [(b[2], b[3]) for h, w in self.plan_inputs(sizes) for b in self.boxes(h, w)]
+
+    def view_patches(self, views: list[Size]) -> int:
+        """Patches (positions of the finest feature grid) of backbone inputs of (height, width)
+        ``views``: what PatchCore's bank and PaDiM's Gaussians count."""
+        info = backbone_info(self.backbone)
+        stride = min(info.strides[i] for i in layer_indices(self.backbone, self.resolved_layers))
+        return sum(math.ceil(h / stride) * math.ceil(w / stride) for h, w in views)
 
     def boxes(self, height: int, width: int) -> list[Box]:
         """Tiles of a ``height`` x ``width`` input (one box without ``tile_size``)."""

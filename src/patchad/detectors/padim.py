@@ -6,17 +6,20 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from patchad.detectors.base import Detector
 from patchad.errors import ConfigError, PatchadError
+from patchad.geometry import Box, Size
 from patchad.ops.gaussian import Moments, accumulate, fit_gaussians, mahalanobis
 from patchad.ops.patches import align_and_concat
 
 #: The paper's reduced sizes d for its two backbones (R18-Rd100, WR50-Rd550), layers 1-3.
 PAPER_N_FEATURES = {"resnet18": 100, "wide_resnet50_2": 550}
+MB = 1024 * 1024
 
 
 def default_n_features(backbone: str, total: int) -> int:
@@ -54,6 +57,13 @@ class PaDiM(Detector):
     Score (Sec. 3.3): Mahalanobis distance (not squared) per position, upsampled bilinearly and
     blurred (sigma 4); image score = the map's maximum.
 
+    Geometry: the Gaussians belong to positions of the training grid, so the training inputs
+    must share one shape (``input_shape_``, recorded in the model file); a test input of another
+    shape is resized (bilinear) to it and its map resized back. With ``tile_size`` the training
+    input is cut into T tiles (``tile_boxes_``, recorded too) and there is one Gaussian per
+    (tile, position), T times the positions of one tile; tile maps are stitched as for the other
+    methods and the image score is the stitched map's maximum.
+
     Args:
         backbone: timm model name (``wide_resnet50_2`` as in the paper).
         layers: backbone stages, shallow to deep; None = the stages at strides 4, 8 and 16
@@ -79,7 +89,8 @@ class PaDiM(Detector):
             shorter side to ``image_size``, the longer in proportion; see
             :func:`patchad.geometry.target_size`).
         tile_size: cut each resized input into overlapping tiles of this many pixels, each a
-            backbone input; maps are stitched with a smooth window (None = no tiling).
+            backbone input with its own Gaussians; maps are stitched with a smooth window
+            (None = no tiling).
         tile_overlap: least overlap of neighbouring tiles, as a fraction of ``tile_size``.
 
     Example:
@@ -154,12 +165,8 @@ class PaDiM(Detector):
             return self.n_features
         return default_n_features(self.backbone, self.total_channels())
 
-    def _check_views(self, views: list[tuple[int, int]]) -> None:
-        if self.tile_size is not None:
-            raise ConfigError(
-                "PaDiM does not support tile_size yet; use PatchCore or SPADE for tiling"
-            )
-        shapes = sorted(set(views))
+    def _check_views(self, views: list[Size], inputs: list[Size]) -> None:
+        shapes = sorted(set(inputs))
         if len(shapes) > 1:
             raise ConfigError(
                 f"PaDiM models each patch position, so its training inputs need one shape; "
@@ -167,21 +174,115 @@ class PaDiM(Detector):
                 f"{shapes[1][0]}x{shapes[1][1]}, ...): use resize=squash (or image_size=HxW)"
             )
 
+    # ------------------------------------------------------------------ training layout
+    def tile_count(self) -> int:
+        """T, the tiles of the training input (1 without ``tile_size``, or before ``fit``)."""
+        return len(getattr(self, "tile_boxes_", ())) or 1
+
+    def _set_layout(self, shape: Size) -> None:
+        """Record the training input ``shape`` (H, W) and its tiles, which every test input
+        is resized to and cut into."""
+        self.input_shape_ = (int(shape[0]), int(shape[1]))
+        self.tile_boxes_ = super().boxes(*self.input_shape_)
+
+    def boxes(self, height: int, width: int) -> list[Box]:
+        """The recorded training tiles for an input of the training shape (so a model file
+        keeps its layout), else :func:`patchad.geometry.tile_boxes`."""
+        if (height, width) == getattr(self, "input_shape_", None) and hasattr(self, "tile_boxes_"):
+            return list(self.tile_boxes_)
+        return super().boxes(height, width)
+
+    def _views_per_pass(self) -> int:
+        """Whole images per backbone pass, their tiles in order (so view j of a pass is tile
+        j mod T): ``batch_size`` views, or one image's T tiles when T > ``batch_size``."""
+        tiles = self.tile_count()
+        return tiles * max(1, self.batch_size // tiles)
+
     def _model_input(self, images: Tensor) -> Tensor:
-        """Test inputs of another shape are resized (bilinear) to the training shape: PaDiM's
-        Gaussians belong to positions of the training grid (the method's limitation)."""
-        shape = getattr(self, "input_shape_", None)
-        if shape is None or tuple(images.shape[-2:]) == tuple(shape):
+        """Inputs of another shape than a training view (the input, or a tile) are resized
+        (bilinear) to it: PaDiM's Gaussians belong to positions of the training grid (the
+        method's limitation). Used by :meth:`predict_tensor`; :meth:`predict` resizes whole
+        images first (:meth:`_predict_images`)."""
+        if not hasattr(self, "input_shape_"):
             return images
-        return F.interpolate(images, size=tuple(shape), mode="bilinear", align_corners=False)
+        shape = self.boxes(*self.input_shape_)[0][2:]
+        if tuple(images.shape[-2:]) == shape:
+            return images
+        return F.interpolate(images, size=shape, mode="bilinear", align_corners=False)
+
+    def _predict_images(self, tensors: list[Tensor]) -> tuple[np.ndarray, list[Tensor]]:
+        """Each input of another shape than the training input is resized (bilinear) to it, so
+        it gives the training tiles; its stitched map is resized back to the input's shape and
+        the image score is that map's maximum."""
+        shape = getattr(self, "input_shape_", None)
+        if shape is None:  # a model file made before geometry: inputs as they come
+            return super()._predict_images(tensors)
+        sizes = [tuple(t.shape[-2:]) for t in tensors]
+        resized = [
+            t
+            if size == shape
+            else F.interpolate(t[None], size=shape, mode="bilinear", align_corners=False)[0]
+            for t, size in zip(tensors, sizes, strict=True)
+        ]
+        scores, maps = super()._predict_images(resized)
+        for i, size in enumerate(sizes):
+            if size != shape:
+                maps[i] = F.interpolate(
+                    maps[i][None, None], size=size, mode="bilinear", align_corners=False
+                )[0, 0]
+                scores[i] = float(maps[i].max())
+        return scores, maps
 
     def _state(self) -> dict[str, Any]:
         shape = getattr(self, "input_shape_", None)
-        return {} if shape is None else {"input_shape": list(shape)}
+        if shape is None:
+            return {}
+        state: dict[str, Any] = {"input_shape": list(shape)}
+        if self.tile_size is not None:
+            state["tiles"] = [list(box) for box in self.tile_boxes_]
+        return state
 
     def _set_state(self, state: dict[str, Any]) -> None:
         if "input_shape" in state:  # absent in files made before geometry: no resizing
             self.input_shape_ = tuple(state["input_shape"])
+            boxes = state.get("tiles", [[0, 0, *self.input_shape_]])
+            self.tile_boxes_ = [tuple(int(v) for v in box) for box in boxes]
+
+    # ------------------------------------------------------------------ memory
+    def memory_estimate(self, positions: int) -> dict[str, int]:
+        """What fitting a model of ``positions`` Gaussians holds, in bytes, before any work
+        (not the backbone, one batch's activations or the runtime).
+
+        Returns:
+            ``positions``, ``dim`` (d), ``model`` (``mean_`` and ``inv_cov_``, float32: what the
+            model file and a loaded model hold) and ``peak`` (the fit's float32 sums, shift,
+            sum and sum of outer products, whose buffer becomes ``inv_cov_``, plus ``mean_``).
+        """
+        d = self.resolved_n_features
+        return {
+            "positions": positions,
+            "dim": d,
+            "model": positions * d * (d + 1) * 4,
+            "peak": positions * d * (d + 3) * 4,
+        }
+
+    def _describe_views(self, num_images: int, views: list[Size]) -> list[str]:
+        if not num_images:
+            return []
+        tiles = max(1, len(views) // num_images)
+        per_image = self.view_patches(views[:tiles])
+        return [self.describe_memory(per_image, tiles)]
+
+    def describe_memory(self, positions: int, tiles: int = 1) -> str:
+        """One line: the :meth:`memory_estimate` of ``positions`` Gaussians (over ``tiles``
+        tiles of the training input) in MiB."""
+        e = self.memory_estimate(positions)
+        where = f" ({tiles} tiles x {positions // tiles:,})" if tiles > 1 else ""
+        return (
+            f"memory estimate: {positions:,} positions{where} x {e['dim']} x {e['dim']} "
+            f"covariances; fit peak {e['peak'] / MB:.0f} MiB, model {e['model'] / MB:.0f} MiB "
+            f"(+ backbone and runtime; memory does not grow with the number of images)"
+        )
 
     def _check_resources(self, num_images: int) -> None:
         if num_images < 2:
@@ -216,16 +317,36 @@ class PaDiM(Detector):
         else:  # Rd: d channels drawn at random, kept in ascending order
             self.channel_index_ = torch.randperm(total, generator=generator)[:d].sort().values
 
+    def embed_images(self, features: list[Tensor]) -> Tensor:
+        """:meth:`embed` of whole images' views, their T tiles in order, as one vector per
+        (tile, position) of each image.
+
+        Args:
+            features: backbone maps of B * T views, shapes (B * T, C_l, h_l, w_l).
+
+        Returns:
+            Shape (B, T * P, d): row t * P + p is position p of tile t.
+        """
+        tiles = self.tile_count()
+        e = self.embed(features)
+        if e.shape[0] % tiles:
+            raise PatchadError(
+                f"PaDiM with {tiles} tiles scores whole images: got {e.shape[0]} inputs, not a "
+                f"multiple of {tiles}"
+            )
+        return e.reshape(e.shape[0] // tiles, tiles * e.shape[1], e.shape[2])
+
     def moments(self, batches: Iterator[list[Tensor]]) -> Moments | None:
-        """Running sums of the embeddings of training feature batches (None: no batch); sums of
-        disjoint image sets merge exactly (:func:`~patchad.ops.gaussian.merge_moments`)."""
+        """Running sums of the embeddings of training feature batches (None: no batch), per
+        (tile, position); sums of disjoint image sets merge exactly
+        (:func:`~patchad.ops.gaussian.merge_moments`)."""
         self._choose_channels()
         moments: Moments | None = None
         for features in batches:
             # float32 sums of shifted values: half the memory of float64, and their buffer is
             # reused for the inverse covariances; on bottle (lite0, d=100) the scores were within
             # 4e-7 (relative) of float64 sums and the AUROCs identical
-            moments = accumulate(moments, self.embed(features), dtype=torch.float32)
+            moments = accumulate(moments, self.embed_images(features), dtype=torch.float32)
         return moments
 
     def fit_moments(self, moments: Moments | None) -> None:
@@ -236,13 +357,16 @@ class PaDiM(Detector):
         self.mean_, self.inv_cov_ = fit_gaussians(moments, self.epsilon, out=moments.sum_outer)
 
     def _fit(self, batches: Iterator[list[Tensor]], num_images: int, progress: bool) -> None:
-        planned = getattr(self, "_fit_views", None)
-        if planned:  # the training input shape, which test inputs are resized to
-            self.input_shape_ = tuple(planned[0])
+        for name in ("input_shape_", "tile_boxes_"):
+            self.__dict__.pop(name, None)
+        planned = getattr(self, "_fit_inputs", None)
+        if planned:  # the training input shape and tiles, which test inputs are resized to
+            self._set_layout(planned[0])
         self.fit_moments(self.moments(batches))
 
     def _score(self, features: list[Tensor]) -> tuple[Tensor, Tensor | None]:
         b = features[0].shape[0]
         h, w = features[0].shape[-2:]
-        distance = mahalanobis(self.embed(features), self.mean_, self.inv_cov_)  # M(x_ij), Eq. 2
+        e = self.embed_images(features)
+        distance = mahalanobis(e, self.mean_, self.inv_cov_)  # M(x_ij), Eq. 2
         return distance.reshape(b, h, w), None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -11,7 +10,6 @@ from torch import Tensor
 
 from patchad.detectors.base import Detector
 from patchad.errors import ConfigError
-from patchad.features import backbone_info, layer_indices
 from patchad.ops.coreset import (
     auto_shard_rows,
     greedy_coreset,
@@ -207,12 +205,6 @@ class PatchCore(Detector):
             dim = min(dim, self.embed_dim)
         views = self.plan_views([(256, 256)])
         return self.view_patches(views), dim
-
-    def view_patches(self, views: list[tuple[int, int]]) -> int:
-        """Patches of backbone inputs of (height, width) ``views``: the finest grid's cells."""
-        info = backbone_info(self.backbone)
-        stride = min(info.strides[i] for i in layer_indices(self.backbone, self.resolved_layers))
-        return sum(math.ceil(h / stride) * math.ceil(w / stride) for h, w in views)
 
     def _on_disk(self, feature_bytes: int) -> bool:
         if self.feature_storage != "auto":

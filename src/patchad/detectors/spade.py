@@ -122,7 +122,7 @@ class SPADE(Detector):
         if not isinstance(self.k, int) or self.k < 1:
             raise ConfigError(f"k must be an integer >= 1, got {self.k!r}")
 
-    def _check_views(self, views: list[tuple[int, int]]) -> None:
+    def _check_views(self, views: list[tuple[int, int]], inputs: list[tuple[int, int]]) -> None:
         shapes = sorted(set(views))
         if len(shapes) > 1:
             raise ConfigError(
