@@ -6,8 +6,9 @@ scores, maps, decisions and metrics (image AUROC, pixel AUROC, AU-PRO) through t
 ``patchad.evaluate.evaluate``; predict ms/image of both (best of ``--repeats`` alternating runs
 of the whole test set, decode and map restoration included); peak RSS of ``patchad predict``
 over the 83 test images with the torch model and, in a virtual environment without torch
-(``--venv``), with the ONNX model. Then a bank of MTD size (random rows, see ``--mtd-rows``):
-export, memory and speed.
+(``--venv``), with the ONNX model; the same through OpenVINO (``--engine openvino``) when it is
+installed. Then banks of 20,000 rows and of MTD size (78,000 random rows, ``--mtd-rows``):
+export, memory and speed at runtime batch sizes 1 and 8, to show the bound.
 
     PYTHONPATH=src python3 benchmarks/bench_export.py --venv /tmp/rt --out export_bottle.md
 """
@@ -72,6 +73,14 @@ def _evaluate(model, test_set) -> tuple[object, list[np.ndarray]]:
     return report, maps
 
 
+def _has_openvino() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _cli(python: str) -> list[str]:
     return [python, "-m", "patchad.cli", "-q"]
 
@@ -92,11 +101,15 @@ def bottle_rows(work: Path, venv: Path | None, repeats: int, names: list[str]) -
             [*_cli(sys.executable), "export", "--model", str(model), "--out", str(onnx_path),
              "--force"], env)  # fmt: skip
         det, rt = load(model), load_onnx(onnx_path)
-        best = {"torch": np.inf, "onnx": np.inf}
+        ov = load_onnx(onnx_path, engine="openvino") if _has_openvino() else None
+        best = {"torch": np.inf, "onnx": np.inf, "openvino": np.inf}
         for _ in range(repeats):
             (ref, ref_maps), (got, got_maps) = _evaluate(det, test_set), _evaluate(rt, test_set)
             best["torch"] = min(best["torch"], ref.predict_s)
             best["onnx"] = min(best["onnx"], got.predict_s)
+            if ov is not None:
+                ov_report, ov_maps = _evaluate(ov, test_set)
+                best["openvino"] = min(best["openvino"], ov_report.predict_s)
         score_rel = float(np.max(np.abs(got.scores - ref.scores) / np.abs(ref.scores)))
         map_rel = max(
             float(np.abs(a - b).max() / (b.max() - b.min()))
@@ -123,13 +136,35 @@ def bottle_rows(work: Path, venv: Path | None, repeats: int, names: list[str]) -
             abs(x - y) <= 1e-4 * abs(x) for (_, x), (_, y) in zip(a, b, strict=True)
         )
         ms_t, ms_o = best["torch"] / n * 1000, best["onnx"] / n * 1000
+        ov_cells = "not installed | | | | | "
+        if ov is not None:
+            ov_rel = float(np.max(np.abs(ov_report.scores - ref.scores) / np.abs(ref.scores)))
+            ov_map = max(
+                float(np.abs(a - b).max() / (b.max() - b.min()))
+                for a, b in zip(ov_maps, ref_maps, strict=True)
+            )
+            ov_same = bool(np.array_equal(ov_report.scores > threshold, ref.scores > threshold))
+            ov_metric = max(
+                abs(getattr(ov_report, m) - getattr(ref, m))
+                for m in ("image_auroc", "pixel_auroc", "aupro")
+            )
+            _, ov_rss, _ = _time_v(
+                [*_cli(python), "predict", "--model", str(onnx_path), "--engine", "openvino",
+                 str(BOTTLE / "test"), "--out", str(work / "out_ov"), "--force"],
+                None if venv else env)  # fmt: skip
+            ms_v = best["openvino"] / n * 1000
+            ov_cells = (
+                f"{ms_v:.1f} | {ms_v / ms_t:.2f} | {ov_rss:.0f} | {ov_rel:.1e} | {ov_map:.1e} | "
+                f"{ov_same} | {ov_metric:.1e}"
+            )
         rows.append(
             f"{name} | {export_s:.1f} | {export_rss:.0f} | "
             f"{onnx_path.stat().st_size / 2**20:.1f} | "
             f"{ms_t:.1f} | {ms_o:.1f} | {ms_o / ms_t:.2f} | {torch_rss:.0f} | {onnx_rss:.0f} | "
             f"{score_rel:.1e} | {map_rel:.1e} | {same} | {ref.image_auroc:.4f} / "
             f"{got.image_auroc:.4f} | {ref.pixel_auroc:.4f} / {got.pixel_auroc:.4f} | "
-            f"{ref.aupro:.4f} / {got.aupro:.4f} | {max(diffs.values()):.1e} | {cli_same}"
+            f"{ref.aupro:.4f} / {got.aupro:.4f} | {max(diffs.values()):.1e} | {cli_same} | "
+            f"{ov_cells}"
         )
         print(rows[-1], flush=True)
         rows.append(
@@ -138,7 +173,7 @@ def bottle_rows(work: Path, venv: Path | None, repeats: int, names: list[str]) -
     return rows
 
 
-def mtd_rows(work: Path, venv: Path | None, bank_rows: int) -> list[str]:
+def mtd_rows(work: Path, venv: Path | None, bank_rows: int, batches: list[int]) -> list[str]:
     """A PatchCore 1 % bottle model whose bank is replaced by ``bank_rows`` random rows (drawn
     from a normal distribution with the real bank's per-channel mean and std): export, file size,
     predict speed of both paths and peak RSS of ``patchad predict`` without torch."""
@@ -151,7 +186,7 @@ def mtd_rows(work: Path, venv: Path | None, bank_rows: int) -> list[str]:
     generator = torch.Generator().manual_seed(0)
     noise = torch.randn(bank_rows, bank.shape[1], generator=generator)
     det.memory_bank_ = (noise * bank.std(0) + bank.mean(0)).contiguous()
-    model = work / "mtd_sized.safetensors"
+    model = work / f"bank_{bank_rows}.safetensors"
     det.save(model, force=True)
     onnx_path = model.with_suffix(".onnx")
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
@@ -165,22 +200,28 @@ def mtd_rows(work: Path, venv: Path | None, bank_rows: int) -> list[str]:
     python = str(venv / "bin" / "python") if venv else sys.executable
     code = (
         "import json, sys, time, patchad.runtime as r\n"
-        "m = r.load(sys.argv[1]); t = time.perf_counter(); m.predict(sys.argv[2:])\n"
-        "ms = (time.perf_counter() - t) / (len(sys.argv) - 2) * 1000\n"
+        "m = r.load(sys.argv[3], batch_size=int(sys.argv[2]), engine=sys.argv[1])\n"
+        "t = time.perf_counter(); m.predict(sys.argv[4:])\n"
+        "ms = (time.perf_counter() - t) / (len(sys.argv) - 4) * 1000\n"
         "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
         "print(json.dumps({'ms': ms, 'rss': int(hwm) / 1024}))\n"
     )
-    run = subprocess.run([python, "-c", code, str(onnx_path), *images], capture_output=True,
-                         text=True, check=True, env=None if venv else env)  # fmt: skip
-    result = json.loads(run.stdout.strip().splitlines()[-1])
-    _, cli_rss, _ = _time_v(
-        [*_cli(python), "predict", "--model", str(onnx_path), str(BOTTLE / "test"),
-         "--out", str(work / "out_mtd"), "--force"], None if venv else env)  # fmt: skip
-    return [
-        f"{bank_rows:,} x {bank.shape[1]} (random rows) | {export_s:.1f} | {export_rss:.0f} | "
-        f"{onnx_path.stat().st_size / 2**20:.1f} | {ms_t:.1f} | {result['ms']:.1f} | "
-        f"{result['ms'] / ms_t:.2f} | {result['rss']:.0f} | {cli_rss:.0f}"
-    ]
+    rows = []
+    for engine in ("onnxruntime", "openvino") if _has_openvino() else ("onnxruntime",):
+        for batch in batches:
+            run = subprocess.run(
+                [python, "-c", code, engine, str(batch), str(onnx_path), *images],
+                capture_output=True, text=True, check=True, env=None if venv else env,
+            )  # fmt: skip
+            result = json.loads(run.stdout.strip().splitlines()[-1])
+            rows.append(
+                f"{bank_rows:,} x {bank.shape[1]} (random rows) | {export_s:.1f} | "
+                f"{export_rss:.0f} | {onnx_path.stat().st_size / 2**20:.1f} | {engine} | "
+                f"{batch} | {ms_t:.1f} | {result['ms']:.1f} | {result['ms'] / ms_t:.2f} | "
+                f"{result['rss']:.0f}"
+            )
+            print(rows[-1], flush=True)
+    return rows
 
 
 def main() -> None:
@@ -189,7 +230,10 @@ def main() -> None:
     parser.add_argument("--venv", help="a virtual environment without torch, with patchad")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--configs", default=",".join(CONFIGS))
-    parser.add_argument("--mtd-rows", type=int, default=78_000, help="0 skips the MTD-sized bank")
+    parser.add_argument(
+        "--mtd-rows", default="20000,78000", help="random bank sizes ('' skips them)"
+    )
+    parser.add_argument("--batches", default="1,8", help="runtime batch sizes for those banks")
     parser.add_argument("--out", help="results file under benchmarks/results/")
     args = parser.parse_args()
     work = Path(args.work)
@@ -206,17 +250,23 @@ def main() -> None:
         "ms/img | ratio | predict CLI peak RSS MiB, torch | predict CLI peak RSS MiB, onnx "
         "(no torch) | max score rel diff | max map diff / range | same decisions | image AUROC "
         "torch / onnx | pixel AUROC torch / onnx | AU-PRO torch / onnx | max metric diff | "
-        "CLI scores.csv equal (1e-4)\n" + "-" * 100 + "\n"
+        "CLI scores.csv equal (1e-4) | openvino ms/img | openvino / torch | predict CLI peak "
+        "RSS MiB, openvino (no torch) | openvino max score rel diff | openvino max map diff / "
+        "range | openvino same decisions | openvino max metric diff\n" + "-" * 100 + "\n"
     )
     names = [c for c in args.configs.split(",") if c]
     text += "\n".join(bottle_rows(work, venv, args.repeats, names)) + "\n"
-    if args.mtd_rows:
+    write_results(args.out, text)  # the bottle rows are kept if a later part fails
+    sizes = [int(x) for x in args.mtd_rows.split(",") if x]
+    if sizes:
         text += (
-            "\nMTD-sized bank | export s | export peak RSS MiB | .onnx MiB | torch ms/img | "
-            "onnxruntime ms/img | ratio | runtime peak RSS MiB (no torch) | predict CLI peak RSS "
-            "MiB (no torch)\n" + "-" * 100 + "\n"
+            "\nbank | export s | export peak RSS MiB | .onnx MiB | engine | batch | torch "
+            "ms/img | runtime ms/img | ratio | runtime peak RSS MiB (no torch)\n" + "-" * 100 + "\n"
         )
-        text += "\n".join(mtd_rows(work, venv, args.mtd_rows)) + "\n"
+        batches = [int(x) for x in args.batches.split(",")]
+        for rows in sizes:
+            text += "\n".join(mtd_rows(work, venv, rows, batches)) + "\n"
+            write_results(args.out, text)
     text += f"\n# load average at end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}\n"
     print(text)
     write_results(args.out, text)

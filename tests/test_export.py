@@ -87,6 +87,41 @@ def test_runtime_equals_torch_model(exported, demo_root: Path, name: str) -> Non
         assert abs(getattr(want, metric) - getattr(have, metric)) <= METRIC_TOL, metric
 
 
+@pytest.mark.parametrize("name", ["patchcore", "patchcore_k3", "padim", "spade", "patchcore_hxw"])
+def test_openvino_engine_equals_torch_model(exported, demo_root: Path, name: str) -> None:
+    """The same .onnx file run by OpenVINO: the same equality as onnxruntime's, and the same
+    metrics."""
+    pytest.importorskip("openvino")
+    from patchad.datasets import load_category
+    from patchad.evaluate import evaluate
+    from patchad.runtime import load
+
+    det, _, path = exported[name]
+    model = load(path, engine="openvino")
+    test = demo_root / "object" / "test"
+    _assert_equal_predictions(model.predict(test), det.predict(test))
+    files = sorted(test.rglob("*.png"))[:3]
+    _assert_equal_predictions(load(path, engine="openvino", batch_size=2).predict(files),
+                              det.predict(files))  # fmt: skip
+    category = load_category(demo_root / "object")
+    want, have = evaluate(det, category), evaluate(model, category)
+    for metric in ("image_auroc", "pixel_auroc", "aupro"):
+        assert abs(getattr(want, metric) - getattr(have, metric)) <= METRIC_TOL, metric
+
+
+def test_engine_errors(exported, tmp_path: Path, capsys) -> None:
+    from patchad.cli import main
+    from patchad.runtime import load
+
+    _, model, path = exported["patchcore"]
+    with pytest.raises(PatchadError, match=r"patchcore\.onnx: unknown engine 'tensorrt'"):
+        load(path, engine="tensorrt")
+    out = tmp_path / "out"
+    assert main(["-q", "predict", "--model", str(model), "--engine", "openvino",
+                 str(path.parent), "--out", str(out)]) == 2  # fmt: skip
+    assert "--engine applies to exported (.onnx) models only" in capsys.readouterr().err
+
+
 def test_dynamic_batch_and_in_memory_images(exported, demo_root: Path) -> None:
     from PIL import Image
 

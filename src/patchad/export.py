@@ -402,7 +402,11 @@ class _PatchCoreGraph(_Graph):
         )
         dn = _sq(m_test[:, None, :] - around).sqrt()  # (B, b)
         d_star = _sq(m_test - m_star).sqrt()
-        ratio = torch.exp(d_star - torch.logsumexp(dn, dim=1))  # Eq. 7
+        # Eq. 7, exp(d*) / sum_b exp(d_b), with log-sum-exp written out (max-shifted): OpenVINO
+        # 2026.4's ReduceLogSumExp gave ratios off by their whole size on the demo data.
+        top = dn.amax(1)
+        log_sum = top + torch.log(torch.exp(dn - top[:, None]).sum(1))
+        ratio = torch.exp(d_star - log_sum)
         return patch.reshape(-1, h, w), (1 - ratio) * s_star
 
 

@@ -31,7 +31,11 @@ def check_model_path(path: str | os.PathLike[str]) -> Path:
 
 
 def load_model(
-    path: str | os.PathLike[str], *, weights: str | None = None, threads: int | None = None
+    path: str | os.PathLike[str],
+    *,
+    weights: str | None = None,
+    threads: int | None = None,
+    engine: str | None = None,
 ) -> Any:
     """Load a model: ``.onnx`` with :func:`patchad.runtime.load` (no torch), anything else with
     :func:`patchad.detectors.load`. Both give ``predict``/``iter_predict`` returning
@@ -41,9 +45,12 @@ def load_model(
         path: the model file.
         weights: backbone weights file for a ``.safetensors`` model, if not where it was at fit.
         threads: CPU threads of the ONNX runtime (None: its default).
+        engine: what runs an exported model, ``"onnxruntime"`` (None: the default) or
+            ``"openvino"``.
 
     Raises:
-        PatchadError: a bad file, or ``weights`` given for an exported model.
+        PatchadError: a bad file, ``weights`` given for an exported model, or ``engine`` for a
+            ``.safetensors`` one.
     """
     p = Path(path)
     if p.suffix.lower() == ".onnx":
@@ -51,7 +58,9 @@ def load_model(
 
         if weights is not None:
             raise PatchadError(f"{p}: --weights does not apply to an exported model")
-        return load_onnx(p, threads=threads)
+        return load_onnx(p, threads=threads, engine=engine or "onnxruntime")
+    if engine is not None:
+        raise PatchadError(f"{p}: --engine applies to exported (.onnx) models only")
     from patchad.detectors import load
 
     return load(p, weights=weights)

@@ -1,6 +1,7 @@
-"""The torch-free runtime: run a model exported with ``patchad export`` through onnxruntime.
+"""The torch-free runtime: run a model exported with ``patchad export`` through onnxruntime
+(the default engine) or OpenVINO (``engine="openvino"``, the same ``.onnx`` file).
 
-Imports numpy, pillow and onnxruntime only (scipy when a calibrated model draws defect boxes),
+Imports numpy, pillow and the engine only (scipy when a calibrated model draws defect boxes),
 never torch or timm::
 
     import patchad.runtime
@@ -30,6 +31,8 @@ from patchad.prediction import Prediction, decide
 from patchad.preprocessing import resize_to_input, restore_map
 
 INSTALL_HINT = "pip install onnxruntime"
+#: The engines :func:`load` can run an exported model with.
+ENGINES = ("onnxruntime", "openvino")
 
 
 def _onnxruntime(path: Path) -> Any:
@@ -41,6 +44,40 @@ def _onnxruntime(path: Path) -> Any:
             f"({INSTALL_HINT}, or pip install 'patchad[onnx]')"
         ) from None
     return onnxruntime
+
+
+def _openvino_session(path: Path, threads: int | None) -> Any:
+    """The model compiled by OpenVINO for the CPU, behind onnxruntime's ``run`` signature."""
+    try:
+        import openvino
+    except ImportError:
+        raise PatchadError(
+            f"{path}: engine openvino needs the openvino package, which is not installed "
+            "(pip install openvino, or pip install 'patchad[openvino]')"
+        ) from None
+    # f32 explicitly: on CPUs with bf16 units OpenVINO would otherwise infer in bf16.
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32", "EXECUTION_MODE_HINT": "ACCURACY"}
+    if threads is not None:
+        config["INFERENCE_NUM_THREADS"] = threads
+    try:
+        compiled = openvino.Core().compile_model(str(path), "CPU", config)
+    except Exception as exc:  # OpenVINO raises its own exception types
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise PatchadError(f"{path}: OpenVINO cannot load the model ({reason})") from None
+    return _OpenVINOSession(compiled)
+
+
+class _OpenVINOSession:
+    """An OpenVINO compiled model with the one ``run`` call :class:`ExportedModel` makes."""
+
+    def __init__(self, compiled: Any) -> None:
+        self._request = compiled.create_infer_request()
+        self._outputs = list(compiled.outputs)
+
+    def run(self, names: None, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Outputs in the graph's order (scores, maps), as copies."""
+        result = self._request.infer(feed)
+        return [np.array(result[output]) for output in self._outputs]
 
 
 class ExportedModel:
@@ -168,23 +205,32 @@ def load(
     threads: int | None = None,
     providers: list[str] | None = None,
     arena: bool = False,
+    engine: str = "onnxruntime",
 ) -> ExportedModel:
     """Open a model written by ``patchad export``.
 
     Args:
         path: the ``.onnx`` file.
         batch_size: images per run (default: the fitted model's ``batch_size``).
-        threads: onnxruntime intra-op threads (default: onnxruntime's choice).
+        threads: the engine's CPU threads (default: its choice).
         providers: onnxruntime execution providers (default: CPU).
         arena: keep onnxruntime's CPU memory arena. Off by default: with it, the arena keeps
             the largest activations of every run, and on bottle (lite0, 256 px, batch 8) the
             peak RSS of a PatchCore predict was 522 MiB instead of 314 MiB.
+        engine: ``"onnxruntime"`` or ``"openvino"`` (``providers`` and ``arena`` are
+            onnxruntime's).
 
     Raises:
-        PatchadError: onnxruntime is missing, or the file is missing, truncated, modified, not
-            patchad's, or from a newer export format.
+        PatchadError: the engine is unknown or not installed, or the file is missing,
+            truncated, modified, not patchad's, or from a newer export format.
     """
     p = Path(path)
+    if engine not in ENGINES:
+        raise PatchadError(f"{p}: unknown engine {engine!r} (expected one of {', '.join(ENGINES)})")
+    if engine == "openvino":
+        metadata = read_onnx_metadata(p)
+        session = _openvino_session(p, threads)
+        return ExportedModel(p, metadata, session, batch_size or int(metadata["batch_size"]))
     ort = _onnxruntime(p)
     metadata = read_onnx_metadata(p)
     options = ort.SessionOptions()

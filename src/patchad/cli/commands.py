@@ -116,7 +116,8 @@ def _load_model(args: argparse.Namespace) -> Any:
     """The ``--model``: an exported ``.onnx`` through the torch-free runtime, else a detector."""
     from patchad.models import load_model
 
-    return load_model(args.model, weights=args.weights, threads=args.threads)
+    engine = getattr(args, "engine", None)
+    return load_model(args.model, weights=args.weights, threads=args.threads, engine=engine)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -127,6 +128,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.resume and args.ray is None:
         raise PatchadError("--resume: only with --ray")
+    if args.engine is not None and args.ray is not None:
+        raise PatchadError("--engine: not with --ray (its workers use the default engine)")
     detector = _load_model(args)
     if args.fail_on_anomaly and not detector.is_calibrated:
         raise PatchadError(

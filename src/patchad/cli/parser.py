@@ -53,6 +53,15 @@ def _cpus_argument(parser: argparse.ArgumentParser, task: str) -> None:
     )
 
 
+def _engine_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--engine",
+        choices=("onnxruntime", "openvino"),
+        help="what runs an exported .onnx model (default onnxruntime; openvino needs "
+        "pip install openvino)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from patchad import __version__
 
@@ -127,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     predict.add_argument("--out", required=True, help="output folder")
     predict.add_argument("--weights", help="backbone weights file, if not where it was at fit")
+    _engine_argument(predict)
     predict.add_argument("--force", action="store_true", help="write into a non-empty --out")
     predict.add_argument(
         "--skip-bad", action="store_true", help="skip unreadable images with a warning each"
@@ -163,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--save-maps", metavar="DIR", help="write DIR/<type>/<name>.npy, scores.csv"
     )
     evaluate.add_argument("--out", help="write the metrics JSON to this file")
+    _engine_argument(evaluate)
     evaluate.add_argument(
         "--eval-size", type=int, metavar="N", help="pixel metrics at NxN (default: original size)"
     )
