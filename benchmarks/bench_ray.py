@@ -10,7 +10,8 @@ the memory actually used.
 Sections: ``demo`` (the ``patchad demo`` benchmark: 2 categories x 3 methods, with the shift
 and rotation variants), ``predict`` (1,000 demo images of 128 px), ``mtd`` (PatchCore on MTD's
 761 training images at 256 px: 779,264 patches, coreset by image-range shards, 2 Ray workers
-against the same shards one after the other in one process).
+against the same shards one after the other in one process), ``sweep`` (``benchmark --ray`` over
+bottle and MTD, 3 methods: 1 worker x 2 CPUs against 2 workers x 1 CPU).
 
     PYTHONPATH=src python3 benchmarks/bench_ray.py --out ray.md
 """
@@ -195,6 +196,57 @@ def predict(tmp: Path) -> str:
     )
 
 
+def sweep(tmp: Path) -> str:
+    """``patchad benchmark --ray`` over bottle and MTD, 3 methods (6 cells): 1 worker x 2 CPUs
+    against 2 workers x 1 CPU, the scaling of the sweep on this machine."""
+    bottle = Path(os.environ.get("PATCHAD_BOTTLE", ROOT.parent / "shared/data/mvtec_ad/bottle"))
+    if not (MTD / "train").is_dir() or not (bottle / "train").is_dir():
+        return f"skipped: {MTD} or {bottle} not found"
+    data = tmp / "sweep_data"
+    data.mkdir()
+    (data / "bottle").symlink_to(bottle)
+    (data / "mtd").symlink_to(MTD)
+    base = ["benchmark", "--data", str(data), *LITE0, "--methods", "patchcore,padim,spade"]
+    runs = {
+        "--ray --cpus-per-task 2, 1 worker x 2 CPUs": [
+            *base, "--out", str(tmp / "sweep1"), "--ray", "--cpus-per-task", "2"],
+        "--ray, 2 workers x 1 CPU": [*base, "--out", str(tmp / "sweep2"), "--ray"],
+    }  # fmt: skip
+    results = {name: run(argv) for name, argv in runs.items()}
+    first = results["--ray --cpus-per-task 2, 1 worker x 2 CPUs"]
+    second = results["--ray, 2 workers x 1 CPU"]
+
+    def rows(folder: str) -> dict[tuple[str, str, str], dict]:
+        doc = json.loads((tmp / folder / "results.json").read_text())
+        return {(r["method"], r["category"], r["variant"]): r for r in doc["rows"]}
+
+    one, two = rows("sweep1"), rows("sweep2")
+    metrics = ("image_auroc", "pixel_auroc", "aupro")
+    worst = max(abs(one[k][m] - two[k][m]) for k in one for m in metrics)
+    cells = sorted(k for k in one if k[1] != "mean")
+    return "\n".join(
+        [
+            TABLE.replace("/ local", "/ 1 worker"),
+            *(_line(n, r, first) for n, r in results.items()),
+            "",
+            f"speed-up of 2 workers over 1: {first['wall_s'] / second['wall_s']:.2f}x "
+            f"wall; largest metric difference between the two runs {worst:.2g} "
+            "(torch 2 threads vs 1 thread per cell)",
+            "",
+            "| method | category | fit s, 1 worker x 2 CPUs | fit s, 2 workers x 1 CPU | ms/img "
+            "(1 / 2) | image AUROC | pixel AUROC | AU-PRO |",
+            "|---|---|---|---|---|---|---|---|",
+            *(
+                f"| {k[0]} | {k[1]} | {one[k]['fit_s']:.1f} | {two[k]['fit_s']:.1f} | "
+                f"{one[k]['ms_per_image']:.0f} / {two[k]['ms_per_image']:.0f} | "
+                f"{one[k]['image_auroc']:.4f} | {one[k]['pixel_auroc']:.4f} | "
+                f"{one[k]['aupro']:.4f} |"
+                for k in cells
+            ),
+        ]
+    )
+
+
 def mtd(tmp: Path) -> str:
     if not (MTD / "train" / "good").is_dir():
         return f"skipped: {MTD} not found"
@@ -236,14 +288,16 @@ def mtd(tmp: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sections", default="demo,predict,mtd")
+    parser.add_argument("--sections", default="demo,predict,mtd,sweep")
     parser.add_argument("--out", help="results file name under benchmarks/results/")
     args = parser.parse_args()
     text = [header(), f"# load average now: {os.getloadavg()}\n"]
     for section in args.sections.split(","):
         with tempfile.TemporaryDirectory(prefix="bench-ray-") as tmp:
             t0 = os.getloadavg()[0]
-            body = {"demo": demo, "predict": predict, "mtd": mtd}[section](Path(tmp))
+            body = {"demo": demo, "predict": predict, "mtd": mtd, "sweep": sweep}[section](
+                Path(tmp)
+            )
             t1 = os.getloadavg()[0]
         block = f"## {section} (load average {t0:.1f} at start, {t1:.1f} at end)\n\n{body}\n"
         print(block, flush=True)

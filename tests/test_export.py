@@ -109,13 +109,25 @@ def test_openvino_engine_equals_torch_model(exported, demo_root: Path, name: str
         assert abs(getattr(want, metric) - getattr(have, metric)) <= METRIC_TOL, metric
 
 
-def test_engine_errors(exported, tmp_path: Path, capsys) -> None:
+def test_engine_errors(exported, tmp_path: Path, capsys, monkeypatch) -> None:
+    import sys
+
     from patchad.cli import main
     from patchad.runtime import load
 
     _, model, path = exported["patchcore"]
     with pytest.raises(PatchadError, match=r"patchcore\.onnx: unknown engine 'tensorrt'"):
         load(path, engine="tensorrt")
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "openvino", None)  # import openvino raises ImportError
+        out = tmp_path / "no_openvino"
+        assert main(["-q", "predict", "--model", str(path), "--engine", "openvino",
+                     str(path.parent), "--out", str(out)]) == 2  # fmt: skip
+        err = capsys.readouterr().err.strip()
+        assert err.endswith("patchcore.onnx: engine openvino needs the openvino package, which "
+                            "is not installed (pip install openvino, or pip install "
+                            "'patchad[openvino]')")  # fmt: skip
+        assert len(err.splitlines()) == 1
     out = tmp_path / "out"
     assert main(["-q", "predict", "--model", str(model), "--engine", "openvino",
                  str(path.parent), "--out", str(out)]) == 2  # fmt: skip
