@@ -218,16 +218,21 @@ def test_spade_graph_searches_one_retrieved_image_at_a_time(exported) -> None:
     assert {o.domain for o in model.opset_import} <= {"", "ai.onnx"}
 
 
-def test_external_data(exported, demo_root: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["patchcore", "padim", "spade"])
+def test_external_data(exported, demo_root: Path, tmp_path: Path, name: str) -> None:
+    """Every large tensor goes to the external data file, PaDiM's inverse covariances (traced as
+    constants) included, and the model still scores the same."""
     from patchad.runtime import load
 
-    det, _, _ = exported["patchcore"]
+    det, _, _ = exported[name]
     path = export_onnx(det, tmp_path / "big.onnx", external_data_bytes=0)
     data = tmp_path / "big.onnx.data"
     assert data.is_file()
-    assert data.stat().st_size > path.stat().st_size
+    assert path.stat().st_size < 200_000 < data.stat().st_size  # the graph only, in the .onnx
     test = demo_root / "object" / "test"
     _assert_equal_predictions(load(path).predict(test), det.predict(test))
+    if name != "patchcore":
+        return
     blob = bytearray(data.read_bytes())
     blob[len(blob) // 2] ^= 0xFF
     data.write_bytes(bytes(blob))

@@ -601,6 +601,7 @@ def export_onnx(
             )
         model = onnx.load(str(raw))  # external data, if torch wrote any, is loaded in memory
     _expand_placeholders(model)
+    _constants_to_initializers(model)
     model.producer_name = "patchad"
     size = sum(len(t.raw_data) for t in model.graph.initializer)
     external = None
@@ -626,6 +627,23 @@ def export_onnx(
         assert file_sha256(target.parent / external["file"]) == external["sha256"]
     atomic_write_bytes(target, model.SerializeToString(), force=True)
     return target
+
+
+def _constants_to_initializers(model: Any, min_bytes: int = 1024) -> None:
+    """Turn the main graph's ``Constant`` nodes of at least ``min_bytes`` into initializers, in
+    place, so that every large tensor (PaDiM's inverse covariances are traced as constants) can
+    go to external data."""
+    graph = model.graph
+    for node in list(graph.node):
+        if node.op_type != "Constant" or len(node.attribute) != 1:
+            continue
+        attribute = node.attribute[0]
+        if attribute.name != "value" or len(attribute.t.raw_data) < min_bytes:
+            continue
+        tensor = graph.initializer.add()
+        tensor.CopyFrom(attribute.t)
+        tensor.name = node.output[0]
+        graph.node.remove(node)
 
 
 def _to_external(model: Any, location: str) -> bytes:
