@@ -187,21 +187,19 @@ class _GalleryMin(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any,
         queries: Tensor,
-        gallery_t: Tensor,
-        gallery_sq: Tensor,
+        gallery: Tensor,
         neighbours: Tensor,
         step: int,
         count: int,
         k: int,
     ) -> Tensor:
-        """queries (B, Q, c), gallery_t (N, c, hw), gallery_sq (N, hw), neighbours (B, K)
-        -> (B, Q); ``count`` = Q and ``k`` = K, static at export."""
+        """queries [q, 1] (B, Q, c + 1), gallery [-2 g; |g|^2] (N, c + 1, hw), neighbours
+        (B, K) -> (B, Q); ``count`` = Q and ``k`` = K, static at export."""
         best = queries.new_full(queries.shape[:2], math.inf)
         for j in range(neighbours.shape[1]):
-            g_t = torch.index_select(gallery_t, 0, neighbours[:, j])  # (B, c, hw)
-            g_sq = torch.index_select(gallery_sq, 0, neighbours[:, j])[:, None, :]  # (B, 1, hw)
+            g = torch.index_select(gallery, 0, neighbours[:, j])  # (B, c + 1, hw)
             parts = [
-                (g_sq - 2.0 * torch.matmul(queries[:, s : s + step], g_t)).amin(2)
+                torch.matmul(queries[:, s : s + step], g).amin(2)
                 for s in range(0, queries.shape[1], step)
             ]
             best = torch.minimum(best, torch.cat(parts, 1))
@@ -209,13 +207,12 @@ class _GalleryMin(torch.autograd.Function):
 
     @staticmethod
     def symbolic(  # type: ignore[no-untyped-def]
-        g, queries, gallery_t, gallery_sq, neighbours, step: int, count: int, k: int
+        g, queries, gallery, neighbours, step: int, count: int, k: int
     ):
         best = g.op(
             "patchad::GalleryMin",
             queries,
-            gallery_t,
-            gallery_sq,
+            gallery,
             neighbours,
             step_i=step,
             queries_i=count,
@@ -230,7 +227,7 @@ def _gallery_loop(node: Any) -> list[Any]:
     (+inf) and a ``Loop`` over the K retrieved images (see :class:`_GalleryMin`)."""
     from onnx import TensorProto, helper
 
-    queries, gallery_t, gallery_sq, neighbours = node.input
+    queries, gallery, neighbours = node.input
     (best,) = node.output
     attrs = {a.name: a.i for a in node.attribute}
     step, count, k = attrs["step"], attrs["queries"], attrs["k"]
@@ -240,14 +237,10 @@ def _gallery_loop(node: Any) -> list[Any]:
         tensor = helper.make_tensor(p + name + "_v", TensorProto.INT64, [len(value)], value)
         return helper.make_node("Constant", [], [p + name], value=tensor)
 
-    two = helper.make_tensor(p + "two_v", TensorProto.FLOAT, [], [2.0])
     body = [
         const("axis1", [1]),
-        helper.make_node("Constant", [], [p + "two"], value=two),
         helper.make_node("Gather", [neighbours, p + "iter"], [p + "idx"], axis=1),  # (B,)
-        helper.make_node("Gather", [gallery_t, p + "idx"], [p + "g_t"], axis=0),  # (B, c, hw)
-        helper.make_node("Gather", [gallery_sq, p + "idx"], [p + "g_sq2"], axis=0),
-        helper.make_node("Unsqueeze", [p + "g_sq2", p + "axis1"], [p + "g_sq"]),  # (B, 1, hw)
+        helper.make_node("Gather", [gallery, p + "idx"], [p + "g"], axis=0),  # (B, c + 1, hw)
     ]
     parts = []
     for n, start in enumerate(range(0, count, step)):
@@ -258,9 +251,7 @@ def _gallery_loop(node: Any) -> list[Any]:
             helper.make_node(
                 "Slice", [queries, f"{p}s{n}", f"{p}e{n}", p + "axis1"], [q]
             ),  # (B, step, c)
-            helper.make_node("MatMul", [q, p + "g_t"], [q + "_mm"]),
-            helper.make_node("Mul", [q + "_mm", p + "two"], [q + "_2mm"]),
-            helper.make_node("Sub", [p + "g_sq", q + "_2mm"], [q + "_d2"]),
+            helper.make_node("MatMul", [q, p + "g"], [q + "_d2"]),  # |g|^2 - 2 q.g
             helper.make_node("ReduceMin", [q + "_d2"], [q + "_min"], axes=[2], keepdims=0),
         ]
         parts.append(q + "_min")
@@ -435,8 +426,10 @@ class _SPADEGraph(_Graph):
             n, gh, gw, c = gallery.shape
             self.sizes.append(int(gh * gw))
             flat = gallery.float().reshape(n, gh * gw, c)
-            self.register_buffer(f"gallery_t_{self.layers}", flat.transpose(1, 2).contiguous())
-            self.register_buffer(f"gallery_sq_{self.layers}", _sq(flat).contiguous())
+            # [-2 g; |g|^2] per gallery patch, (N, c + 1, hw): with queries [q, 1], one product
+            # gives |g|^2 - 2 q.g, no separate scaling and addition passes over the block.
+            augmented = torch.cat([-2.0 * flat.transpose(1, 2), _sq(flat)[:, None, :]], 1)
+            self.register_buffer(f"gallery_{self.layers}", augmented.contiguous())
             self.layers += 1
 
     def score(self, features: list[Tensor]) -> tuple[Tensor, Tensor | None]:
@@ -449,14 +442,14 @@ class _SPADEGraph(_Graph):
         size = features[0].shape[-2:]
         layer_maps = []
         for layer, f in enumerate(features):
-            gallery_t = getattr(self, f"gallery_t_{layer}")  # (N, c, hw)
-            gallery_sq = getattr(self, f"gallery_sq_{layer}")  # (N, hw)
+            gallery = getattr(self, f"gallery_{layer}")  # (N, c + 1, hw)
             c, h, w = f.shape[1], f.shape[2], f.shape[3]
             hw = self.sizes[layer]
             queries = f.permute(0, 2, 3, 1).reshape(-1, h * w, c)  # (B, hw, c)
+            ones = torch.ones_like(queries[:, :, :1])
             step = max(1, BLOCK_ELEMENTS // hw)
             best = _GalleryMin.apply(
-                queries, gallery_t, gallery_sq, neighbours, step, hw, self.k
+                torch.cat([queries, ones], 2), gallery, neighbours, step, hw, self.k
             )  # (B, hw)
             dist = (best + _sq(queries)).clamp_min(0).sqrt().reshape(-1, 1, h, w)
             layer_maps.append(F.interpolate(dist, size=size, mode="bilinear", align_corners=False))
