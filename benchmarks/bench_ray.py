@@ -158,13 +158,16 @@ def demo(tmp: Path) -> str:
 
 def predict(tmp: Path) -> str:
     from patchad import PatchCore
-    from patchad.demo import demo_images
+    from patchad.demo import CATEGORY_DEFECTS, render
 
-    good, test = demo_images(n_good=30, n_test=1000, size=128)
+    good = [render("object", i, None, size=128, seed=0)[0] for i in range(30)]
+    kinds = [None, *CATEGORY_DEFECTS["object"]]
     folder = tmp / "images"
     folder.mkdir()
-    for i, image in enumerate(test):
-        image.save(folder / f"{i:04d}.png")
+    for i in range(1000):  # 1,000 test images: good and each defect kind in turn
+        render("object", 1000 + i, kinds[i % len(kinds)], size=128, seed=0)[0].save(
+            folder / f"{i:04d}.png"
+        )
     model = tmp / "m.safetensors"
     det = PatchCore(backbone="tf_efficientnet_lite0", image_size=128, coreset_ratio=0.1)
     det.fit(good).save(model)
