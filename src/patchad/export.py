@@ -44,6 +44,7 @@ from patchad.onnxfile import (
     file_sha256,
     graph_digest,
 )
+from patchad.onnxloop import ChunkedKnn, GalleryMin, expand_placeholders, sq
 
 #: Opset of the exported graph (onnxruntime >= 1.17 runs it).
 OPSET = 17
@@ -52,263 +53,6 @@ BLOCK_ELEMENTS = 2**21
 #: Initializers above this many bytes in total go to an external data file beside the model
 #: (protobuf cannot serialise more than 2 GiB in one message).
 EXTERNAL_DATA_BYTES = 1_800_000_000
-
-
-def _sq(x: Tensor) -> Tensor:
-    return (x * x).sum(-1)
-
-
-class _ChunkedKnn(torch.autograd.Function):
-    """k nearest bank rows of each query, one bank chunk at a time, as one ONNX ``Loop``.
-
-    Traced as a placeholder node ``patchad::ChunkedKnn`` that :func:`_knn_loop`
-    replaces by a ``Loop`` over the chunks: each iteration computes one (Q, C) block of squared
-    distances ``|b|^2 - 2 q.b`` (``Gemm``), keeps its k smallest and merges them with the k
-    best so far. Only one block exists at a time, whatever the runtime's scheduling.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, queries: Tensor, bank: Tensor, bank_sq: Tensor, k: int, rows: int
-    ) -> tuple[Tensor, Tensor]:
-        """queries (Q, D), bank (n_chunks * rows, D) with ``bank_sq`` (n_chunks * rows,)
-        (padding rows +inf) -> squared distances minus |q|^2 (Q, k) and bank indices (Q, k)."""
-        best_v = queries.new_full((queries.shape[0], k), math.inf)
-        best_i = torch.zeros(queries.shape[0], k, dtype=torch.long)
-        for start in range(0, bank.shape[0], rows):
-            d2 = bank_sq[start : start + rows] - 2.0 * queries @ bank[start : start + rows].T
-            v, i = d2.topk(min(k, rows), dim=1, largest=False)
-            v, pos = torch.cat([best_v, v], 1).topk(k, dim=1, largest=False)
-            best_i = torch.gather(torch.cat([best_i, i + start], 1), 1, pos)
-            best_v = v
-        return best_v, best_i
-
-    @staticmethod
-    def symbolic(  # type: ignore[no-untyped-def]
-        g, queries, bank, bank_sq, k: int, rows: int
-    ):
-        values, indices = g.op(
-            "patchad::ChunkedKnn", queries, bank, bank_sq, k_i=k, rows_i=rows, outputs=2
-        )
-        values.setType(queries.type().with_sizes([None, k]))
-        indices.setType(queries.type().with_dtype(torch.long).with_sizes([None, k]))
-        return values, indices
-
-
-def _knn_loop(node: Any, total: int) -> list[Any]:
-    """The nodes that replace one ``patchad::ChunkedKnn`` placeholder: the initial best k
-    (+inf, index 0) and a ``Loop`` over ``total / rows`` bank chunks (see :class:`_ChunkedKnn`)."""
-    from onnx import TensorProto, helper
-
-    queries, bank, bank_sq = node.input
-    values, indices = node.output
-    attrs = {a.name: a.i for a in node.attribute}
-    k, rows = attrs["k"], attrs["rows"]
-    p = f"{values}_knn_"  # unique prefix for this node's names
-
-    def const(name: str, value: list[int]) -> Any:
-        return helper.make_node(
-            "Constant",
-            [],
-            [p + name],
-            value=helper.make_tensor(p + name + "_v", TensorProto.INT64, [len(value)], value),
-        )
-
-    body = [
-        const("rows", [rows]),
-        const("axis0", [0]),
-        const("kc", [min(k, rows)]),
-        const("k", [k]),
-        helper.make_node("Unsqueeze", [p + "iter", p + "axis0"], [p + "iter1"]),
-        helper.make_node("Mul", [p + "iter1", p + "rows"], [p + "start"]),
-        helper.make_node("Add", [p + "start", p + "rows"], [p + "end"]),
-        helper.make_node("Slice", [bank, p + "start", p + "end", p + "axis0"], [p + "chunk"]),
-        helper.make_node("Slice", [bank_sq, p + "start", p + "end", p + "axis0"], [p + "csq"]),
-        helper.make_node(
-            "Gemm", [queries, p + "chunk", p + "csq"], [p + "d2"], alpha=-2.0, transB=1
-        ),
-        helper.make_node("TopK", [p + "d2", p + "kc"], [p + "v", p + "i"], axis=1, largest=0),
-        helper.make_node("Add", [p + "i", p + "start"], [p + "ig"]),
-        helper.make_node("Concat", [p + "v_prev", p + "v"], [p + "cv"], axis=1),
-        helper.make_node("Concat", [p + "i_prev", p + "ig"], [p + "ci"], axis=1),
-        helper.make_node("TopK", [p + "cv", p + "k"], [p + "v_next", p + "pos"], axis=1, largest=0),
-        helper.make_node("GatherElements", [p + "ci", p + "pos"], [p + "i_next"], axis=1),
-        helper.make_node("Identity", [p + "cond"], [p + "cond_next"]),
-    ]
-    loop_body = helper.make_graph(
-        body,
-        p + "body",
-        [
-            helper.make_tensor_value_info(p + "iter", TensorProto.INT64, []),
-            helper.make_tensor_value_info(p + "cond", TensorProto.BOOL, []),
-            helper.make_tensor_value_info(p + "v_prev", TensorProto.FLOAT, None),
-            helper.make_tensor_value_info(p + "i_prev", TensorProto.INT64, None),
-        ],
-        [
-            helper.make_tensor_value_info(p + "cond_next", TensorProto.BOOL, []),
-            helper.make_tensor_value_info(p + "v_next", TensorProto.FLOAT, None),
-            helper.make_tensor_value_info(p + "i_next", TensorProto.INT64, None),
-        ],
-    )
-    inf = helper.make_tensor(p + "inf", TensorProto.FLOAT, [1], [math.inf])
-    zero = helper.make_tensor(p + "zero", TensorProto.INT64, [1], [0])
-    expanded = [
-        const("k_outer", [k]),
-        const("trips", [total // rows]),
-        helper.make_node(
-            "Constant",
-            [],
-            [p + "true"],
-            value=helper.make_tensor(p + "true_v", TensorProto.BOOL, [], [True]),
-        ),
-        helper.make_node("Shape", [queries], [p + "qshape"], end=1),
-        helper.make_node("Concat", [p + "qshape", p + "k_outer"], [p + "shape"], axis=0),
-        helper.make_node("ConstantOfShape", [p + "shape"], [p + "v0"], value=inf),
-        helper.make_node("ConstantOfShape", [p + "shape"], [p + "i0"], value=zero),
-        helper.make_node("Squeeze", [p + "trips"], [p + "trip"]),
-        helper.make_node(
-            "Loop",
-            [p + "trip", p + "true", p + "v0", p + "i0"],
-            [values, indices],
-            body=loop_body,
-        ),
-    ]
-    return expanded
-
-
-class _GalleryMin(torch.autograd.Function):
-    """SPADE's pixel kNN: for each query patch, the smallest ``|g|^2 - 2 q.g`` over the
-    patches g of its image's K retrieved gallery images, one retrieved image at a time, as one
-    ONNX ``Loop`` over the K images (placeholder ``patchad::GalleryMin``, expanded by
-    :func:`_gallery_loop`). Inside an iteration the queries go in parts of ``step`` rows, so a
-    block holds at most ``step * hw`` distances per image."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        queries: Tensor,
-        gallery: Tensor,
-        neighbours: Tensor,
-        step: int,
-        count: int,
-        k: int,
-    ) -> Tensor:
-        """queries [q, 1] (B, Q, c + 1), gallery [-2 g; |g|^2] (N, c + 1, hw), neighbours
-        (B, K) -> (B, Q); ``count`` = Q and ``k`` = K, static at export."""
-        best = queries.new_full(queries.shape[:2], math.inf)
-        for j in range(neighbours.shape[1]):
-            g = torch.index_select(gallery, 0, neighbours[:, j])  # (B, c + 1, hw)
-            parts = [
-                torch.matmul(queries[:, s : s + step], g).amin(2)
-                for s in range(0, queries.shape[1], step)
-            ]
-            best = torch.minimum(best, torch.cat(parts, 1))
-        return best
-
-    @staticmethod
-    def symbolic(  # type: ignore[no-untyped-def]
-        g, queries, gallery, neighbours, step: int, count: int, k: int
-    ):
-        best = g.op(
-            "patchad::GalleryMin",
-            queries,
-            gallery,
-            neighbours,
-            step_i=step,
-            queries_i=count,
-            k_i=k,
-        )
-        best.setType(queries.type().with_sizes([None, count]))
-        return best
-
-
-def _gallery_loop(node: Any) -> list[Any]:
-    """The nodes that replace one ``patchad::GalleryMin`` placeholder: the initial minimum
-    (+inf) and a ``Loop`` over the K retrieved images (see :class:`_GalleryMin`)."""
-    from onnx import TensorProto, helper
-
-    queries, gallery, neighbours = node.input
-    (best,) = node.output
-    attrs = {a.name: a.i for a in node.attribute}
-    step, count, k = attrs["step"], attrs["queries"], attrs["k"]
-    p = f"{best}_gallery_"
-
-    def const(name: str, value: list[int]) -> Any:
-        tensor = helper.make_tensor(p + name + "_v", TensorProto.INT64, [len(value)], value)
-        return helper.make_node("Constant", [], [p + name], value=tensor)
-
-    body = [
-        const("axis1", [1]),
-        helper.make_node("Gather", [neighbours, p + "iter"], [p + "idx"], axis=1),  # (B,)
-        helper.make_node("Gather", [gallery, p + "idx"], [p + "g"], axis=0),  # (B, c + 1, hw)
-    ]
-    parts = []
-    for n, start in enumerate(range(0, count, step)):
-        q = f"{p}q{n}"
-        body += [
-            const(f"s{n}", [start]),
-            const(f"e{n}", [min(start + step, count)]),
-            helper.make_node(
-                "Slice", [queries, f"{p}s{n}", f"{p}e{n}", p + "axis1"], [q]
-            ),  # (B, step, c)
-            helper.make_node("MatMul", [q, p + "g"], [q + "_d2"]),  # |g|^2 - 2 q.g
-            helper.make_node("ReduceMin", [q + "_d2"], [q + "_min"], axes=[2], keepdims=0),
-        ]
-        parts.append(q + "_min")
-    if len(parts) > 1:
-        body.append(helper.make_node("Concat", parts, [p + "m"], axis=1))
-    else:
-        body.append(helper.make_node("Identity", parts, [p + "m"]))
-    body += [
-        helper.make_node("Min", [p + "prev", p + "m"], [p + "next"]),
-        helper.make_node("Identity", [p + "cond"], [p + "cond_next"]),
-    ]
-    loop_body = helper.make_graph(
-        body,
-        p + "body",
-        [
-            helper.make_tensor_value_info(p + "iter", TensorProto.INT64, []),
-            helper.make_tensor_value_info(p + "cond", TensorProto.BOOL, []),
-            helper.make_tensor_value_info(p + "prev", TensorProto.FLOAT, None),
-        ],
-        [
-            helper.make_tensor_value_info(p + "cond_next", TensorProto.BOOL, []),
-            helper.make_tensor_value_info(p + "next", TensorProto.FLOAT, None),
-        ],
-    )
-    inf = helper.make_tensor(p + "inf", TensorProto.FLOAT, [1], [math.inf])
-    true = helper.make_tensor(p + "true_v", TensorProto.BOOL, [], [True])
-    trips = helper.make_tensor(p + "trips_v", TensorProto.INT64, [], [k])
-    return [
-        helper.make_node("Constant", [], [p + "trips"], value=trips),
-        helper.make_node("Constant", [], [p + "true"], value=true),
-        helper.make_node("Shape", [queries], [p + "shape"], end=2),
-        helper.make_node("ConstantOfShape", [p + "shape"], [p + "init"], value=inf),
-        helper.make_node("Loop", [p + "trips", p + "true", p + "init"], [best], body=loop_body),
-    ]
-
-
-def _expand_placeholders(model: Any) -> None:
-    """Replace every ``patchad::ChunkedKnn`` and ``patchad::GalleryMin`` node of ``model`` (an
-    ``onnx.ModelProto``) by the ``Loop`` it stands for, in place."""
-    graph = model.graph
-    sizes = {t.name: list(t.dims) for t in graph.initializer}
-    for position, node in enumerate(list(graph.node)):
-        if node.domain != "patchad":
-            continue
-        if node.op_type == "ChunkedKnn":
-            if node.input[1] not in sizes:
-                raise PatchadError("export: the memory bank is not an initializer of the graph")
-            expanded = _knn_loop(node, sizes[node.input[1]][0])
-        else:
-            expanded = _gallery_loop(node)
-        graph.node.remove(node)
-        for offset, new in enumerate(expanded):
-            graph.node.insert(position + offset, new)
-        return _expand_placeholders(model)  # positions changed: look again
-    keep = [o for o in model.opset_import if o.domain != "patchad"]
-    del model.opset_import[:]
-    model.opset_import.extend(keep)
 
 
 class _Graph(nn.Module):
@@ -363,8 +107,8 @@ class _PatchCoreGraph(_Graph):
         padded = -(-n // self.chunk_rows) * self.chunk_rows
         # Padding rows: zero features at squared norm +inf, so never a neighbour.
         self.register_buffer("bank", torch.cat([bank, bank.new_zeros(padded - n, d)]))
-        sq = torch.cat([_sq(bank), bank.new_full((padded - n,), math.inf)])
-        self.register_buffer("bank_sq", sq.contiguous())
+        norms = torch.cat([sq(bank), bank.new_full((padded - n,), math.inf)])
+        self.register_buffer("bank_sq", norms.contiguous())
         self.k = min(detector.num_neighbors, n)
         self.reweight = bool(detector.reweight)
         if self.reweight:
@@ -376,8 +120,8 @@ class _PatchCoreGraph(_Graph):
         e = self.detector.embed(features)  # (B, D, h, w)
         d, h, w = e.shape[1], self.grid[0], self.grid[1]
         queries = e.permute(0, 2, 3, 1).reshape(-1, d)  # (B P, D)
-        v, i = _ChunkedKnn.apply(queries, self.bank, self.bank_sq, self.k, self.chunk_rows)
-        dist = (v + _sq(queries)[:, None]).clamp_min(0).sqrt()  # Eq. 6 distances (B P, k)
+        v, i = ChunkedKnn.apply(queries, self.bank, self.bank_sq, self.k, self.chunk_rows)
+        dist = (v + sq(queries)[:, None]).clamp_min(0).sqrt()  # Eq. 6 distances (B P, k)
         patch = dist.mean(1).reshape(-1, h * w)  # (B, P)
         if not self.reweight:
             return patch.reshape(-1, h, w), patch.amax(1)
@@ -391,8 +135,8 @@ class _PatchCoreGraph(_Graph):
         around = torch.index_select(self.bank, 0, neighbours.reshape(-1)).reshape(
             -1, *neighbours.shape[1:], d
         )
-        dn = _sq(m_test[:, None, :] - around).sqrt()  # (B, b)
-        d_star = _sq(m_test - m_star).sqrt()
+        dn = sq(m_test[:, None, :] - around).sqrt()  # (B, b)
+        d_star = sq(m_test - m_star).sqrt()
         # Eq. 7, exp(d*) / sum_b exp(d_b), with log-sum-exp written out (max-shifted): OpenVINO
         # 2026.4's ReduceLogSumExp gave ratios off by their whole size on the demo data.
         top = dn.amax(1)
@@ -419,7 +163,7 @@ class _SPADEGraph(_Graph):
         pooled = detector.pooled_.float()
         self.k = min(detector.k, pooled.shape[0])
         self.register_buffer("pooled_t", pooled.T.contiguous())
-        self.register_buffer("pooled_sq", _sq(pooled).contiguous())
+        self.register_buffer("pooled_sq", sq(pooled).contiguous())
         self.layers = 0
         self.sizes: list[int] = []  # patches per image of each layer, static at export
         for gallery in detector._galleries():
@@ -428,7 +172,7 @@ class _SPADEGraph(_Graph):
             flat = gallery.float().reshape(n, gh * gw, c)
             # [-2 g; |g|^2] per gallery patch, (N, c + 1, hw): with queries [q, 1], one product
             # gives |g|^2 - 2 q.g, no separate scaling and addition passes over the block.
-            augmented = torch.cat([-2.0 * flat.transpose(1, 2), _sq(flat)[:, None, :]], 1)
+            augmented = torch.cat([-2.0 * flat.transpose(1, 2), sq(flat)[:, None, :]], 1)
             self.register_buffer(f"gallery_{self.layers}", augmented.contiguous())
             self.layers += 1
 
@@ -438,7 +182,7 @@ class _SPADEGraph(_Graph):
         q = features[-1].mean((2, 3))
         d2 = self.pooled_sq - 2.0 * torch.matmul(q, self.pooled_t)
         v, neighbours = d2.topk(self.k, dim=1, largest=False)
-        image = (v + _sq(q)[:, None]).clamp_min(0).sqrt().mean(1)
+        image = (v + sq(q)[:, None]).clamp_min(0).sqrt().mean(1)
         size = features[0].shape[-2:]
         layer_maps = []
         for layer, f in enumerate(features):
@@ -448,10 +192,10 @@ class _SPADEGraph(_Graph):
             queries = f.permute(0, 2, 3, 1).reshape(-1, h * w, c)  # (B, hw, c)
             ones = torch.ones_like(queries[:, :, :1])
             step = max(1, BLOCK_ELEMENTS // hw)
-            best = _GalleryMin.apply(
+            best = GalleryMin.apply(
                 torch.cat([queries, ones], 2), gallery, neighbours, step, hw, self.k
             )  # (B, hw)
-            dist = (best + _sq(queries)).clamp_min(0).sqrt().reshape(-1, 1, h, w)
+            dist = (best + sq(queries)).clamp_min(0).sqrt().reshape(-1, 1, h, w)
             layer_maps.append(F.interpolate(dist, size=size, mode="bilinear", align_corners=False))
         return torch.cat(layer_maps, 1).mean(1), image
 
@@ -593,7 +337,7 @@ def export_onnx(
                 autograd_inlining=False,
             )
         model = onnx.load(str(raw))  # external data, if torch wrote any, is loaded in memory
-    _expand_placeholders(model)
+    expand_placeholders(model)
     _constants_to_initializers(model)
     model.producer_name = "patchad"
     size = sum(len(t.raw_data) for t in model.graph.initializer)
