@@ -93,8 +93,8 @@ class _Graph(nn.Module):
 
 class _PatchCoreGraph(_Graph):
     """Nearest neighbours over the bank in chunks of at most :data:`BLOCK_ELEMENTS` / P rows
-    per image (P = patches per image), as a ``Loop`` (:class:`_ChunkedKnn`), and Eq. 7 with a
-    bank-to-bank neighbour table computed at export time."""
+    per image (P = patches per image), as a ``Loop`` (:class:`patchad.onnxloop.ChunkedKnn`),
+    and Eq. 7 with a bank-to-bank neighbour table computed at export time."""
 
     def __init__(self, detector: Any) -> None:
         super().__init__(detector)
