@@ -45,7 +45,7 @@ def test_ivf_is_exact_when_probing_every_cell():
 
 
 def test_auto_backend_rule():
-    assert auto_backend(10_000) == "faiss"
+    assert auto_backend(10_000) == "torch"
     assert auto_backend(IVF_MIN_ROWS) == "faiss-ivf"
 
 

@@ -393,7 +393,9 @@ class PatchCore(Detector):
     def _score(self, features: list[Tensor]) -> tuple[Tensor, Tensor | None]:
         e = self.embed(features)
         b, d, h, w = e.shape
-        queries = e.permute(0, 2, 3, 1).reshape(-1, d)
+        # row-major for every batch size (for one image the reshape is a transposed view, which
+        # BLAS would round differently)
+        queries = e.permute(0, 2, 3, 1).reshape(-1, d).contiguous()
         bank = self.memory_bank_
         cached = getattr(self, "_index", None)
         if cached is None or cached.bank is not bank:
