@@ -114,10 +114,8 @@ def child(spec: dict) -> None:
     fit_s = time.perf_counter() - start
     rows = []
     for size in spec.get("test_sizes") or [None]:
-        if size is not None:  # predict at another scale: the same model, inputs resized
-            det.input_size_ = (size, size)
-            det._build()
-        report = evaluate(det, test_set)
+        # at another scale: the same bank, inputs resized (Detector.rescaled)
+        report = evaluate(det if size is None else det.rescaled(size), test_set)
         rows.append(
             {
                 "test_size": size,

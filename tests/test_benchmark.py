@@ -31,8 +31,10 @@ def test_benchmark_writes_schema_files(demo_root: Path, tmp_path: Path) -> None:
     assert main([*args, "--shift-test", "2", "--save-maps", str(maps), "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["version"] == 1
-    assert set(results["meta"]) == {"git_sha", "date", "command", "data", "shift_test"}
+    meta = {"git_sha", "date", "command", "data", "shift_test", "test_scales"}
+    assert set(results["meta"]) == meta
     assert results["meta"]["shift_test"] == 2
+    assert results["meta"]["test_scales"] == []
     rows = results["rows"]
     assert {(r["category"], r["variant"]) for r in rows} == {
         (c, v) for c in ("object", "mean") for v in ("original", "shift", "rotate")
@@ -77,6 +79,33 @@ def test_benchmark_writes_schema_files(demo_root: Path, tmp_path: Path) -> None:
     assert (maps / "patchcore" / "object" / "scores.csv").is_file()
     # a non-empty --out is refused without --resume/--force
     assert main([*args, "--out", str(out)]) == 2
+
+
+def test_test_scales_rows_for_methods_that_allow_them(demo_root: Path, tmp_path: Path) -> None:
+    """--test-scales: PatchCore and SPADE evaluated at other input sizes with the model fitted
+    at image_size=64; PaDiM (training grid only) gets no such rows."""
+    out = tmp_path / "r"
+    args = ["-q", "benchmark", "--data", str(demo_root), "--categories", "texture", *FAST]
+    args += ["--methods", "patchcore,padim,spade", "--test-scales", "96,64", "--out", str(out)]
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["meta"]["test_scales"] == [96, 64]
+    rows = {(r["method"], r["variant"]): r for r in results["rows"] if r["category"] == "texture"}
+    assert set(rows) == {
+        *((m, "original") for m in ("patchcore", "padim", "spade")),
+        *((m, f"scale{s}") for m in ("patchcore", "spade") for s in (96, 64)),
+    }
+    for m in ("patchcore", "spade"):
+        pred = np.load(out / "runs" / m / "texture" / "predictions.npz")
+        # at the training size the scores are the original's exactly; at 96 px they differ
+        np.testing.assert_array_equal(pred["scores_scale64"], pred["scores"])
+        assert not np.array_equal(pred["scores_scale96"], pred["scores"])
+        assert rows[m, "scale96"]["image_auroc"] is not None
+        assert rows[m, "scale96"]["fit_s"] == rows[m, "original"]["fit_s"]  # the same fit
+    assert "| patchcore | texture | scale96 |" in (out / "results.md").read_text()
+    bad = ["-q", "benchmark", "--data", str(demo_root), "--test-scales", "auto", "--out"]
+    assert main([*bad, str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists()
 
 
 def test_interrupted_benchmark_keeps_rows_and_resumes(

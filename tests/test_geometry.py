@@ -196,6 +196,38 @@ def test_mixed_shapes_bucketed_and_any_shape_predict() -> None:
         mixed.fit(train)
 
 
+def test_rescaled_predicts_at_another_scale_against_the_same_bank(strips) -> None:
+    good, defective = strips
+    det = PatchCore(
+        backbone=LITE0, image_size=64, resize="keep_aspect", coreset_ratio=0.25, seed=0
+    ).fit(good[:3], calibration=good[3:])
+    assert det.is_calibrated
+    same = det.rescaled(64)
+    np.testing.assert_array_equal(same.predict([defective]).scores, det.predict([defective]).scores)
+    larger = det.rescaled(96)
+    assert larger.memory_bank_ is det.memory_bank_  # the bank is shared, not refitted
+    assert not larger.is_calibrated
+    assert det.is_calibrated
+    assert larger.input_size() == (96, 96)
+    assert det.input_size() == (64, 64)
+    assert larger.preprocess_.target(1200, 300) == (96, 384)
+    pred = larger.predict([defective, good[0]])
+    assert pred.maps[0].shape == (300, 1200)
+    r, c = np.unravel_index(int(np.argmax(pred.maps[0])), pred.maps[0].shape)
+    top, bottom, left, right = DEFECT
+    assert top <= r < bottom
+    assert left <= c < right
+    assert pred.scores[0] > pred.scores[1]
+    assert det.predict([defective]).scores[0] != pred.scores[0]  # really another scale
+    spade = DETECTORS["spade"](backbone=LITE0, image_size=64, k=2, calibration_split=0)
+    assert spade.fit(good).rescaled(96).predict([defective]).maps[0].shape == (300, 1200)
+    with pytest.raises(ConfigError, match="auto"):
+        det.rescaled("auto")
+    padim = PaDiM(backbone=LITE0, image_size=64, calibration_split=0).fit(good)
+    with pytest.raises(ConfigError, match="training grid"):
+        padim.rescaled(96)
+
+
 # ---------------------------------------------------------------- PaDiM
 def test_padim_resizes_other_shapes_to_training_geometry(tmp_path: Path) -> None:
     train = [texture(64, 128, s) for s in range(4)]

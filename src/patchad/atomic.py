@@ -73,6 +73,13 @@ def save_npy_atomic(path: str | os.PathLike[str], array: np.ndarray, *, force: b
     atomic_write_bytes(path, buffer.getvalue(), force=force)
 
 
+def save_npz_atomic(path: str | os.PathLike[str], arrays: dict[str, np.ndarray]) -> None:
+    """Write a compressed ``.npz`` file of ``arrays`` atomically (overwriting)."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue(), force=True)
+
+
 def write_png_atomic(path: str | os.PathLike[str], image: object, *, force: bool = True) -> None:
     """Write a PNG atomically, from a PIL image or a uint8 array (H, W) or (H, W, 3)."""
     from PIL import Image

@@ -25,19 +25,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from PIL import Image
 
+from patchad.atomic import atomic_write_bytes, save_npz_atomic
 from patchad.datasets import TestSet, find_categories, load_category
 from patchad.errors import PatchadError
 from patchad.evaluate import Report, evaluate, rotate_pair, shift_pair
-from patchad.images import read_image
-from patchad.modelfile import atomic_write_bytes
+from patchad.thumbnails import THUMB, thumb_map, write_images_file
 
 __all__ = ["CellResult", "RSSSampler", "git_sha", "run_benchmark", "run_cell"]
 
-THUMB = 128
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
 COSTS = ("fit_s", "ms_per_image", "peak_mem_mb", "model_mb")
 COLUMNS = (
@@ -123,12 +119,6 @@ def _write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, json.dumps(obj, indent=1, allow_nan=False).encode(), force=True)
 
 
-def _write_npz(path: Path, **arrays: np.ndarray) -> None:
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays)
-    atomic_write_bytes(path, buffer.getvalue(), force=True)
-
-
 def _mean(values: list[Any]) -> float | None:
     vals = [v for v in values if v is not None and math.isfinite(v)]
     return float(np.mean(vals)) if vals else None
@@ -209,60 +199,6 @@ def write_results(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -
     atomic_write_bytes(out / "results.md", ("\n".join(md) + "\n").encode(), force=True)
 
 
-# ---------------------------------------------------------------------- thumbnails
-
-
-def _thumb_image(image: Image.Image) -> np.ndarray:
-    return np.asarray(image.resize((THUMB, THUMB), Image.Resampling.BILINEAR), dtype=np.uint8)
-
-
-def _thumb_mask(mask: np.ndarray | None) -> np.ndarray:
-    if mask is None:
-        return np.zeros((THUMB, THUMB), dtype=bool)
-    m = Image.fromarray(mask.astype(np.uint8) * 255)
-    return np.asarray(m.resize((THUMB, THUMB), Image.Resampling.NEAREST)) > 0
-
-
-def _thumb_map(amap: np.ndarray) -> np.ndarray:
-    t = torch.from_numpy(np.ascontiguousarray(amap, dtype=np.float32))[None, None]
-    small = F.interpolate(t, size=(THUMB, THUMB), mode="bilinear", align_corners=False)
-    return small[0, 0].numpy().astype(np.float16)
-
-
-def write_images_file(path: Path, test_set: TestSet, shift_test: int | None) -> None:
-    """``runs/_images/<category>.npz``: method-independent thumbnails of the test images."""
-    from patchad.images import read_mask
-
-    samples = test_set.samples
-    n = len(samples)
-    arrays: dict[str, np.ndarray] = {
-        "paths": np.array([str(s.path) for s in samples]),
-        "types": np.array([s.defect_type for s in samples]),
-        "labels": np.array([s.label for s in samples], dtype=np.int64),
-        "images": np.zeros((n, THUMB, THUMB, 3), dtype=np.uint8),
-        "masks": np.zeros((n, THUMB, THUMB), dtype=bool),
-        "defect_area": np.zeros(n, dtype=np.float32),
-    }
-    variants = {}
-    if shift_test is not None:
-        variants = {"shift": shift_pair(shift_test), "rotate": rotate_pair(shift_test)}
-        for v in variants:
-            arrays[f"images_{v}"] = np.zeros((n, THUMB, THUMB, 3), dtype=np.uint8)
-            arrays[f"masks_{v}"] = np.zeros((n, THUMB, THUMB), dtype=bool)
-    for i, s in enumerate(samples):
-        image = read_image(s.path)
-        mask = read_mask(s.mask_path) if s.mask_path is not None else None
-        arrays["images"][i] = _thumb_image(image)
-        arrays["masks"][i] = _thumb_mask(mask)
-        if mask is not None:
-            arrays["defect_area"][i] = float(mask.mean())
-        for v, fn in variants.items():
-            ti, tm = fn(image, mask)
-            arrays[f"images_{v}"][i] = _thumb_image(ti)
-            arrays[f"masks_{v}"][i] = _thumb_mask(tm)
-    _write_npz(path, **arrays)
-
-
 # ---------------------------------------------------------------------- main loop
 
 
@@ -320,6 +256,7 @@ def run_cell(
     settings: dict[str, Any],
     *,
     shift_test: int | None = None,
+    test_scales: Sequence[int | str] = (),
     save_maps: str | os.PathLike[str] | None = None,
     sha: str = "unknown",
     progress: bool = False,
@@ -334,6 +271,9 @@ def run_cell(
         method: a name in :data:`patchad.detectors.DETECTORS`.
         settings: its constructor arguments.
         shift_test: also evaluate on test images shifted by N px and rotated by N degrees.
+        test_scales: also evaluate the fitted model at each of these ``image_size`` values
+            (:meth:`~patchad.detectors.Detector.rescaled`: trained at one scale, tested at
+            another; variant ``scale<size>``), for the methods that allow it (not PaDiM).
         save_maps: write ``<save_maps>/<method>/<category>/...`` (see :func:`evaluate`).
         sha: recorded in every row.
     """
@@ -355,7 +295,7 @@ def run_cell(
         thumbs = np.zeros((n, THUMB, THUMB), dtype=np.float16)
 
         def keep(i, s, score, amap, mask, image, thumbs=thumbs):
-            thumbs[i] = _thumb_map(amap)
+            thumbs[i] = thumb_map(amap)
 
         maps_dir = None
         if save_maps is not None:
@@ -374,27 +314,36 @@ def run_cell(
         "roc": {"fpr": report.roc[0], "tpr": report.roc[1]},
         "pro": {"fpr": report.pro[0], "pro": report.pro[1]},
     }
+    extra: list[tuple[str, Any, Any]] = []  # (variant, detector, transform)
     if shift_test is not None:
-        for variant, fn in (("shift", shift_pair(shift_test)), ("rotate", rotate_pair(shift_test))):
-            vthumbs = np.zeros((n, THUMB, THUMB), dtype=np.float16)
+        extra += [("shift", detector, shift_pair(shift_test))]
+        extra += [("rotate", detector, rotate_pair(shift_test))]
+    if detector.any_input_size:
+        extra += [(f"scale{size}", detector.rescaled(size), None) for size in test_scales]
+    for variant, scorer, fn in extra:
+        vthumbs = np.zeros((n, THUMB, THUMB), dtype=np.float16)
 
-            def keep_v(i, s, score, amap, mask, image, vthumbs=vthumbs):
-                vthumbs[i] = _thumb_map(amap)
+        def keep_v(i, s, score, amap, mask, image, vthumbs=vthumbs):
+            vthumbs[i] = thumb_map(amap)
 
-            with RSSSampler() as vs:
-                vreport = evaluate(
-                    detector, test_set, transform=fn, on_map=keep_v, progress=progress
-                )
-            peak = max(vs.peak_mb, sampler.peak_mb)
-            rows.append(_row(method, test_set, variant, vreport, peak_mb=peak, **costs))
-            arrays[f"scores_{variant}"] = vreport.scores
-            arrays[f"thumbs_{variant}"] = vthumbs
+        with RSSSampler() as vs:
+            vreport = evaluate(scorer, test_set, transform=fn, on_map=keep_v, progress=progress)
+        peak = max(vs.peak_mb, sampler.peak_mb)
+        rows.append(_row(method, test_set, variant, vreport, peak_mb=peak, **costs))
+        arrays[f"scores_{variant}"] = vreport.scores
+        arrays[f"thumbs_{variant}"] = vthumbs
     return CellResult(rows=rows, arrays=arrays, curves=curves, model=model)
 
 
-def variants(shift_test: int | None) -> tuple[str, ...]:
-    """The variants a cell evaluates."""
-    return ("original",) if shift_test is None else ("original", "shift", "rotate")
+def variants(
+    shift_test: int | None, test_scales: Sequence[int | str] = (), method: str = ""
+) -> tuple[str, ...]:
+    """The variants a cell of ``method`` evaluates."""
+    from patchad.detectors import DETECTORS
+
+    shifted = () if shift_test is None else ("shift", "rotate")
+    scalable = method not in DETECTORS or DETECTORS[method].any_input_size
+    return ("original", *shifted, *(f"scale{s}" for s in test_scales if scalable))
 
 
 def failed_rows(
@@ -405,6 +354,7 @@ def failed_rows(
     shift_test: int | None,
     sha: str,
     error: str,
+    test_scales: Sequence[int | str] = (),
 ) -> list[dict[str, Any]]:
     """The rows of a cell that failed: every metric and cost None, ``error`` the reason. Mean
     rows leave them out, and ``--resume`` runs the cell again."""
@@ -421,7 +371,7 @@ def failed_rows(
             "git_sha": sha,
             "error": error,
         }
-        for variant in variants(shift_test)
+        for variant in variants(shift_test, test_scales, method)
     ]
 
 
@@ -430,7 +380,7 @@ def write_cell(out: Path, method: str, category: str, result: CellResult) -> Non
     model = out / "models" / f"{method}__{category}.safetensors"
     atomic_write_bytes(model, result.model, force=True)
     run_dir = out / "runs" / method / category
-    _write_npz(run_dir / "predictions.npz", **result.arrays)
+    save_npz_atomic(run_dir / "predictions.npz", result.arrays)
     _write_json(run_dir / "curves.json", result.curves)
 
 
@@ -449,6 +399,7 @@ def local_runner(
     sha: str,
     progress: bool,
     say: Callable[[str], None],
+    test_scales: Sequence[int | str] = (),
 ) -> CellRunner:
     """The default :data:`CellRunner`: :func:`run_cell` for each cell, in this process."""
 
@@ -460,6 +411,7 @@ def local_runner(
                 method,
                 settings.get(method, {}),
                 shift_test=shift_test,
+                test_scales=test_scales,
                 save_maps=save_maps,
                 sha=sha,
                 progress=progress,
@@ -479,6 +431,7 @@ def run_benchmark(
     save_maps: str | os.PathLike[str] | None = None,
     resume: bool = False,
     shift_test: int | None = None,
+    test_scales: Sequence[int | str] = (),
     allow_missing_masks: bool = False,
     command: str = "",
     progress: bool = False,
@@ -497,6 +450,8 @@ def run_benchmark(
         resume: keep the rows of an existing ``results.json`` and skip finished (method,
             category) pairs (failed ones run again).
         shift_test: also evaluate on test images shifted by N px and rotated by N degrees.
+        test_scales: also evaluate each fitted model at these ``image_size`` values (see
+            :func:`run_cell`).
         allow_missing_masks: see :func:`patchad.datasets.load_category`.
         command: the command line, recorded in ``meta``.
         runner: makes the :data:`CellRunner`, called with the keyword arguments of
@@ -528,6 +483,7 @@ def run_benchmark(
         "command": command,
         "data": str(data),
         "shift_test": shift_test,
+        "test_scales": list(test_scales),
     }
     done = {
         (r["method"], r["category"])
@@ -543,7 +499,13 @@ def run_benchmark(
         cells.extend((test_set, m) for m in todo)
     make = local_runner if runner is None else runner
     run = make(
-        settings, shift_test=shift_test, save_maps=save_maps, sha=sha, progress=progress, say=say
+        settings,
+        shift_test=shift_test,
+        test_scales=tuple(test_scales),
+        save_maps=save_maps,
+        sha=sha,
+        progress=progress,
+        say=say,
     )
     finished = run(cells)  # a remote runner has submitted every cell by now
     for test_set in {id(t): t for t, _ in cells}.values():
@@ -557,6 +519,7 @@ def run_benchmark(
                 shift_test=shift_test,
                 sha=sha,
                 error=result,
+                test_scales=test_scales,
             )
             say(f"{method} on {test_set.name}: FAILED ({result})")
         else:

@@ -110,6 +110,7 @@ def ray_runner(
         sha: str,
         progress: bool,
         say: Callable[[str], None],
+        test_scales: tuple[int | str, ...] = (),
     ) -> CellRunner:
         ray = _ray()
         from patchad.benchmark import run_cell
@@ -127,6 +128,7 @@ def ray_runner(
                     method,
                     settings.get(method, {}),
                     shift_test=shift_test,
+                    test_scales=test_scales,
                     sha=sha,
                     progress=False,
                 ): (test_set, method)

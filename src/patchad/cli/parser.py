@@ -207,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="also evaluate on test images shifted by N px and rotated by N degrees",
     )
+    bench.add_argument(
+        "--test-scales",
+        metavar="SIZES",
+        help="also evaluate each PatchCore and SPADE model at these image_size values, e.g. "
+        "192,320 (trained at one scale, tested at another; PaDiM needs its training grid)",
+    )
     bench.add_argument("--allow-missing-masks", action="store_true", help="see `patchad evaluate`")
     bench.add_argument("--out", required=True, help="output folder")
     _ray_arguments(bench)

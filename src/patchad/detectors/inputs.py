@@ -5,8 +5,12 @@ size arithmetic is in :mod:`patchad.geometry`."""
 
 from __future__ import annotations
 
+import copy
 import math
+import typing
+from typing import ClassVar
 
+from patchad.errors import ConfigError
 from patchad.features import (
     Preprocess,
     backbone_info,
@@ -22,10 +26,18 @@ from patchad.geometry import (
 )
 from patchad.loading import ImageLike, Images, as_items, image_dims
 
+if typing.TYPE_CHECKING:
+    from typing_extensions import Self
+
 
 class InputGeometry:
     """Geometry methods of :class:`~patchad.detectors.base.Detector` (which holds the
     parameters ``image_size``, ``resize``, ``tile_size``, ``tile_overlap``, ``crop_size``)."""
+
+    #: Whether a fitted model scores inputs of another size than its training inputs: PatchCore's
+    #: bank and SPADE's gallery are sets of patches (paper, Sec. 3), PaDiM's Gaussians belong
+    #: to the positions of one training grid.
+    any_input_size: ClassVar[bool] = True
 
     def max_stride(self) -> int:
         """The largest feature stride of the resolved layers (keep_aspect and auto round to it)."""
@@ -79,6 +91,44 @@ class InputGeometry:
     def boxes(self, height: int, width: int) -> list[Box]:
         """Tiles of a ``height`` x ``width`` input (one box without ``tile_size``)."""
         return tile_boxes(height, width, self.tile_size, self.tile_overlap)
+
+    def rescaled(self, image_size: int | str) -> Self:
+        """A copy of this fitted model that predicts at another input size, against the same
+        bank or gallery: trained at one scale, tested at another.
+
+        ``image_size`` means what it means at fit (with ``resize=keep_aspect``, an int is the
+        shorter side); tiles keep their ``tile_size``. The copy has no thresholds: they were
+        calibrated on scores at the training size, so call ``calibrate(good_images)`` on it
+        before deciding. This model is unchanged.
+
+        Raises:
+            ConfigError: a method that needs its training grid (PaDiM), a centre crop, or an
+                ``image_size`` of ``auto`` (which only training images resolve).
+        """
+        self._check_fitted("rescaled")
+        if not self.any_input_size:
+            raise ConfigError(
+                f"{self.method} scores each position of its training grid and cannot predict at "
+                f"another input size (a test image of another shape is resized to the training "
+                f"geometry {self.input_size()})"
+            )
+        if self.crop_size is not None:
+            raise ConfigError(f"crop_size={self.crop_size}: a cropped model cannot be rescaled")
+        size = parse_image_size(image_size)
+        if isinstance(size, str) and size != "native":
+            raise ConfigError(
+                f"image_size={image_size!r}: auto is resolved from training images; give a size"
+            )
+        other = copy.copy(self)
+        for name in (*self.calibration_tensors, "image_threshold_", "pixel_threshold_"):
+            other.__dict__.pop(name, None)
+        other.image_size = image_size
+        other.input_size_ = size
+        pre = self.preprocess_
+        other.preprocess_ = Preprocess(
+            size, None, pre.mean, pre.std, self.resize, self.max_stride()
+        )
+        return other
 
     def image_sizes(self, items: list[ImageLike]) -> list[Size | None]:
         """(height, width) of each image from its header, or (1, 1) each when the geometry

@@ -103,6 +103,7 @@ class PaDiM(Detector):
     """
 
     method = "padim"
+    any_input_size = False
     default_strides = (4, 8, 16)
     learned_tensors = ("mean_", "inv_cov_", "channel_index_")
 
