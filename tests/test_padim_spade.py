@@ -266,6 +266,19 @@ def test_spade_image_knn_matches_brute_force(spade: SPADE, demo_root: Path) -> N
         spade.k = 50
 
 
+def test_spade_score_does_not_depend_on_the_batch(spade: SPADE, demo_root: Path) -> None:
+    """From the same features, an image scored alone or in a batch gets the same score and
+    map to the bit (a batch of one is not a transposed view with its own BLAS rounding)."""
+    x = _tensors(spade, _test_set(demo_root / "object")[0][:4])
+    with torch.inference_mode():
+        features = spade.features(x)
+        patch, image = spade._score(features)
+        for i in range(4):
+            one_patch, one_image = spade._score([f[i : i + 1] for f in features])
+            assert torch.equal(one_patch[0], patch[i])
+            assert torch.equal(one_image[0], image[i])
+
+
 def test_spade_pixel_knn_uses_every_retrieved_image(monkeypatch: pytest.MonkeyPatch) -> None:
     """The only patch matching the query sits in the *last* retrieved image; the popular port's
     ``range(N // 100)`` loop would never search it."""

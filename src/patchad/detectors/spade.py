@@ -168,7 +168,10 @@ class SPADE(Detector):
             Euclidean distances (ascending) and training-image indices, both (B, K).
         """
         k = min(self.k, self.pooled_.shape[0])
-        return knn(features[-1].mean((2, 3)), self.pooled_, k)
+        # one search per image: BLAS rounds by the number of query rows, so a batch search would
+        # make an image's score depend on its batch-mates
+        found = [knn(q, self.pooled_, k) for q in features[-1].mean((2, 3)).split(1)]
+        return torch.cat([f[0] for f in found]), torch.cat([f[1] for f in found])
 
     def pixel_distances(self, features: list[Tensor], neighbours: Tensor) -> Tensor:
         """Nearest-patch distance maps over the retrieved images, averaged over layers (Sec. 3.2).
@@ -185,7 +188,8 @@ class SPADE(Detector):
         for f, gallery in zip(features, self._galleries(), strict=True):
             b, c, h, w = f.shape
             per_image = max(1, GALLERY_ROWS // (h * w))  # gallery images searched at once
-            queries = f.permute(0, 2, 3, 1).reshape(b, h * w, c)
+            # row-major for every batch size (for one image the reshape is a transposed view)
+            queries = f.permute(0, 2, 3, 1).reshape(b, h * w, c).contiguous()
             maps = torch.stack(
                 [
                     min_distance(
