@@ -70,6 +70,21 @@ def parse_image_size(value: int | str) -> Size | str:
     return int(sides[0]), int(sides[1])
 
 
+def parse_fixed_size(value: int | str) -> Size | str:
+    """:func:`parse_image_size` for a size known without training images: ``(H, W)`` or
+    ``"native"``.
+
+    Raises:
+        ConfigError: as :func:`parse_image_size`, or ``auto`` (only a fit resolves it).
+    """
+    size = parse_image_size(value)
+    if isinstance(size, str) and size != "native":
+        raise ConfigError(
+            f"image_size={value!r}: auto is resolved from training images at fit; give a size"
+        )
+    return size
+
+
 def auto_side(text: str) -> int:
     """The square side whose pixel count ``"auto"`` / ``"auto:S"`` keeps."""
     if text == "auto":

@@ -351,7 +351,7 @@ def _run_benchmark(
             save_maps=args.save_maps,
             resume=args.resume,
             shift_test=args.shift_test,
-            test_scales=_test_scales(getattr(args, "test_scales", None)),
+            test_scales=getattr(args, "test_scales", ()),
             allow_missing_masks=args.allow_missing_masks,
             command="patchad " + " ".join(sys.argv[1:] if args.argv is None else args.argv),
             progress=not args.quiet,
@@ -365,28 +365,23 @@ def _run_benchmark(
 def _test_scales(text: str | None) -> tuple[int | str, ...]:
     """``--test-scales`` as image_size values (ints where they are one number)."""
     from patchad.errors import ConfigError
-    from patchad.geometry import parse_image_size
+    from patchad.geometry import parse_fixed_size
 
-    sizes: list[int | str] = []
-    for part in (p.strip() for p in (text or "").split(",")):
-        if not part:
-            continue
-        size: int | str = int(part) if part.isdigit() else part
-        try:
-            parsed = parse_image_size(size)
-        except ConfigError as exc:
-            raise PatchadError(f"--test-scales {text}: {exc}") from None
-        if isinstance(parsed, str) and parsed != "native":
-            raise PatchadError(f"--test-scales {text}: {part} is resolved at fit; give a size")
-        sizes.append(size)
-    return tuple(sizes)
+    sizes = tuple(int(p) if p.isdigit() else p for p in (text or "").replace(" ", "").split(","))
+    sizes = tuple(s for s in sizes if s != "")
+    try:
+        for size in sizes:
+            parse_fixed_size(size)
+    except ConfigError as exc:
+        raise PatchadError(f"--test-scales {text}: {exc}") from None
+    return sizes
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.shift_test is not None and args.shift_test < 1:
         raise PatchadError(f"--shift-test {args.shift_test}: must be a positive integer")
-    _test_scales(args.test_scales)  # a bad size fails before any work
+    args.test_scales = _test_scales(args.test_scales)  # a bad size fails before any work
     if args.ray is not None and args.save_maps is not None:
         raise PatchadError("--save-maps: not supported with --ray (workers write no files)")
     if not args.cpus_per_task > 0:

@@ -21,6 +21,7 @@ from patchad.geometry import (
     Size,
     auto_side,
     auto_size,
+    parse_fixed_size,
     parse_image_size,
     tile_boxes,
 )
@@ -114,11 +115,7 @@ class InputGeometry:
             )
         if self.crop_size is not None:
             raise ConfigError(f"crop_size={self.crop_size}: a cropped model cannot be rescaled")
-        size = parse_image_size(image_size)
-        if isinstance(size, str) and size != "native":
-            raise ConfigError(
-                f"image_size={image_size!r}: auto is resolved from training images; give a size"
-            )
+        size = parse_fixed_size(image_size)
         other = copy.copy(self)
         for name in (*self.calibration_tensors, "image_threshold_", "pixel_threshold_"):
             other.__dict__.pop(name, None)
