@@ -496,3 +496,26 @@ def test_large_demo_category_layout(tmp_path: Path) -> None:
     mask = read_mask(folder / "ground_truth/scratch/000_mask.png")
     assert mask.shape == (256, 256)
     assert 0 < mask.sum() < 0.01 * mask.size  # a thin scratch: a few pixels wide
+
+
+def test_large_demo_scratch_keeps_the_mean_and_breaks_the_weave() -> None:
+    """The scratch is a texture defect, not a brightness one: a squash to 1/8 cannot see it
+    much, the native image can (issue 16's premise for the tiling measurement)."""
+    import numpy as np
+    from PIL import Image
+
+    from patchad.demo_large import add_scratch, large_texture
+
+    rng = np.random.default_rng(1)
+    image = large_texture(512, rng)
+    out, mask = add_scratch(image, rng)
+    inside, around = out[mask].astype(float), image[mask].astype(float)
+    assert abs(inside.mean() - image.mean()) < 4  # the mean brightness is kept
+    assert inside.std() < 0.5 * around.std()  # the weave is gone inside the scratch
+
+    def small(a: np.ndarray) -> np.ndarray:
+        return np.asarray(Image.fromarray(a).resize((64, 64), Image.Resampling.BILINEAR), float)
+
+    native = np.abs(out.astype(float) - image).max()
+    squashed = np.abs(small(out) - small(image)).max()
+    assert squashed < 0.25 * native
