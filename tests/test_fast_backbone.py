@@ -61,12 +61,16 @@ def test_fold_batch_norms_with_nontrivial_statistics() -> None:
             module.bias.data.copy_(torch.randn(n, generator=gen) * 0.1)
             n_bn += 1
     folded = fold_batch_norms(copy.deepcopy(model))
+    separate = fold_batch_norms(copy.deepcopy(model), separate_bias=True)
     assert n_bn > 0
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    for out in (folded, separate):
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in out.modules())
+    assert any(isinstance(m, features.BiasAct) for m in separate.modules())
     x = torch.randn(2, 3, 64, 64, generator=gen)
     with torch.inference_mode():
-        for a, b in zip(folded(x), model(x), strict=True):
-            assert _rel(a, b) < 1e-5
+        for out in (folded, separate):
+            for a, b in zip(out(x), model(x), strict=True):
+                assert _rel(a, b) < 1e-5
 
 
 def test_extractor_matches_plain_model_and_keeps_fingerprint() -> None:
@@ -77,6 +81,7 @@ def test_extractor_matches_plain_model_and_keeps_fingerprint() -> None:
     with torch.inference_mode():
         for a, b in zip(fx(x), plain(x), strict=True):
             assert a.shape == b.shape
+            assert a.is_contiguous()  # back in the default layout after channels_last
             assert _rel(a, b) < 1e-5
 
 
@@ -92,9 +97,12 @@ def test_same_bank_and_scores_as_plain_backbone(
     fast_pd = PaDiM(**kw).fit(train)
     monkeypatch.setattr(features, "fold_batch_norms", lambda m: m)
     monkeypatch.setattr(features, "drop_unused_blocks", lambda m: m)
+    monkeypatch.setattr(features, "CHANNELS_LAST", False)
     plain_pc = PatchCore(coreset_ratio=0.25, **kw).fit(train)
     plain_pd = PaDiM(**kw).fit(train)
     assert len(plain_pc.extractor_.inference_model.blocks) == 7  # the plain path really ran
+    assert fast_pc.extractor_.channels_last
+    assert not plain_pc.extractor_.channels_last
     assert plain_pc.memory_bank_.shape == fast_pc.memory_bank_.shape
     assert _rel(fast_pc.memory_bank_.float(), plain_pc.memory_bank_.float()) < 1e-5
     for fast, plain in ((fast_pc, plain_pc), (fast_pd, plain_pd)):
