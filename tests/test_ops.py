@@ -41,8 +41,8 @@ def test_greedy_coreset_clustered_data_and_bounds() -> None:
         greedy_coreset(x, 0, generator=g)
 
 
-def test_greedy_coreset_chunked_split_is_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Blocks larger than GATHER_ROWS are split without gathering them whole: same result."""
+def test_greedy_coreset_chunked_fill_is_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The padded copy of the points is filled GATHER_ROWS rows at a time: same result."""
     from patchad.ops import coreset
 
     x = torch.randn(3001, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(5))

@@ -53,50 +53,36 @@ def _ball_blocks(x: Tensor, leaf_size: int, generator: torch.Generator) -> tuple
     """Order points so that contiguous blocks of at most ``leaf_size`` points are compact.
 
     Recursively splits each block at the median of its projection on its principal axis (a few
-    power iterations from a seeded start), like a PCA tree. Rows are gathered
-    ``GATHER_ROWS`` at a time, so the extra memory is bounded whatever the size of ``x``.
+    power iterations from a seeded start), like a PCA tree. Each level first gathers the points
+    in the current order into one buffer (the size of ``x``, reused by every level), so that
+    every block is a contiguous slice and its power iterations read it in place.
 
     Returns:
         A permutation of shape (N,), and block boundaries ``[0, b_1, ..., N]``.
     """
-
-    def matvec(idx: Tensor, v: Tensor) -> Tensor:  # x[idx] @ v
-        return torch.cat([x[c] @ v for c in idx.split(GATHER_ROWS)])
-
-    def rmatvec(idx: Tensor, w: Tensor) -> Tensor:  # x[idx].T @ w
-        out = torch.zeros(x.shape[1], dtype=x.dtype)
-        for c, wc in zip(idx.split(GATHER_ROWS), w.split(GATHER_ROWS), strict=True):
-            out += x[c].T @ wc
-        return out
-
     order = torch.arange(x.shape[0])
     bounds = [0, x.shape[0]]
-    while True:
+    ordered: Tensor | None = None
+    while any(e - s > leaf_size for s, e in itertools.pairwise(bounds)):
+        if ordered is None:
+            ordered = torch.empty_like(x)
+        torch.index_select(x, 0, order, out=ordered)
         new = [0]
         for s, e in itertools.pairwise(bounds):
             if e - s > leaf_size:
-                idx = order[s:e]
+                block = ordered[s:e]  # a view: C = block - mean is never formed
+                mean = block.mean(0)
                 axis = torch.randn(x.shape[1], generator=generator, dtype=x.dtype)
-                if e - s <= GATHER_ROWS:  # small enough: gather once
-                    block = x[idx]
-                    centred = block - block.mean(0)
-                    for _ in range(3):  # power iteration: axis <- C^T C axis
-                        axis = centred.T @ (centred @ axis)
-                        axis = axis / axis.norm().clamp_min(1e-12)
-                    along = centred @ axis
-                else:
-                    mean = rmatvec(idx, torch.full((e - s,), 1.0 / (e - s), dtype=x.dtype))
-                    for _ in range(3):  # as above, C = x[idx] - mean, without forming C
-                        w = matvec(idx, axis) - mean @ axis
-                        axis = rmatvec(idx, w) - mean * w.sum()
-                        axis = axis / axis.norm().clamp_min(1e-12)
-                    along = matvec(idx, axis) - mean @ axis
-                order[s:e] = idx[torch.argsort(along, stable=True)]
+                for _ in range(3):  # power iteration: axis <- C^T C axis
+                    w = block @ axis - mean @ axis
+                    axis = block.T @ w - mean * w.sum()
+                    axis = axis / axis.norm().clamp_min(1e-12)
+                along = block @ axis
+                order[s:e] = order[s:e][torch.argsort(along, stable=True)]
                 new.append((s + e) // 2)
             new.append(e)
-        if len(new) == len(bounds):
-            return order, bounds
         bounds = new
+    return order, bounds
 
 
 def _runs(index: Tensor) -> list[tuple[int, int]]:
