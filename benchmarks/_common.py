@@ -111,6 +111,11 @@ def fit_and_score_bottle(det) -> dict:
     }
 
 
+def spread(items: list, n: int) -> list:
+    """At most ``n`` of ``items``, evenly spaced over them (every defect type gets a share)."""
+    return items[:: max(1, len(items) // n)][:n]
+
+
 def forward_times(det, batch, repeats: int = 3) -> list[tuple[float, float, dict]]:
     """After one warm-up, ``repeats`` times: seconds of the backbone's forward on ``batch``,
     seconds of ``det.predict_tensor(batch)``, and the detector's ``last_timings_`` (or {})."""

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import BOTTLE, header, write_results
+from _common import BOTTLE, header, spread, write_results
 
 
 def main() -> None:
@@ -36,8 +36,7 @@ def main() -> None:
     if not train:
         print(f"skipped: {BOTTLE} not found")
         return
-    tests = sorted((BOTTLE / "test").glob("*/*.png"))
-    tests = tests[:: max(1, len(tests) // 48)][:48]
+    tests = spread(sorted((BOTTLE / "test").glob("*/*.png")), 48)
     lines = [header() + f"# bottle: {len(train)} training images, {len(tests)} test images\n"]
     lines.append("coreset | bank rows | step | ms/img (median) | / forward")
     for ratio in (0.01, 0.1):

@@ -59,7 +59,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, ROOT, write_results
+from _common import RESULTS, ROOT, forward_times, spread, write_results
 
 BACKBONE = "tf_efficientnet_lite0"
 LAYERS = ("blocks.2", "blocks.4")
@@ -94,12 +94,9 @@ def child_patchad(args: argparse.Namespace) -> dict:
     if args.method == "padim":
         # the like-for-like rows keep every channel, as the anomalib child does (its
         # ``n_features`` is the layers' channel count): no random subset to differ by
-        from patchad.features import backbone_info, layer_indices
-
-        channels = backbone_info(BACKBONE).channels
-        total = sum(channels[i] for i in layer_indices(BACKBONE, LAYERS))
-        all_channels = {"n_features": total} if args.normalization == "imagenet" else {}
-        det = PaDiM(**common, **all_channels)
+        det = PaDiM(**common)
+        if args.normalization == "imagenet":
+            det = PaDiM(**common, n_features=det.total_channels())
     else:
         det = PatchCore(coreset_ratio=args.ratio, **common)
     train = train_images(args.category)
@@ -115,19 +112,14 @@ def child_patchad(args: argparse.Namespace) -> dict:
 
     from patchad.loading import iter_batches
 
-    picked = [p for p, _ in items][:: max(1, len(items) // 48)][:48]
+    picked = spread([p for p, _ in items], 48)
     ratios, forward_ms = [], []
     # decoded first: the loader's threads must not decode the next batch during a timed call
     batches = [b.images for b in iter_batches(picked, det.preprocess_, 8)]
-    with torch.inference_mode():
-        for images in batches:
-            start = time.perf_counter()
-            det.features(images)
-            forward = time.perf_counter() - start
-            start = time.perf_counter()
-            det.predict_tensor(images)
-            ratios.append((time.perf_counter() - start) / forward)
-            forward_ms.append(forward / len(images) * 1000)
+    for images in batches:
+        ((forward, predict, _),) = forward_times(det, images, repeats=1)
+        ratios.append(predict / forward)
+        forward_ms.append(forward / len(images) * 1000)
     args.maps.mkdir(parents=True, exist_ok=True)
     with (args.maps / "scores.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
@@ -175,7 +167,7 @@ def child_floor(args: argparse.Namespace) -> dict:
         floor_s = one_pass(plain)
         patchad_s = one_pass(det.features)
         tests = [p for p, _ in test_images(args.category)]
-        picked = tests[:: max(1, len(tests) // 48)][:48]
+        picked = spread(tests, 48)
         batches = [b.images for b in iter_batches(picked, det.preprocess_, 8)]
         per = []
         for images in batches:
