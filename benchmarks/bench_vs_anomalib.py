@@ -38,7 +38,8 @@ Usage::
         --anomalib-patchcore bottle --out vs_anomalib/bottle_mtd.md
 
 ``--anomalib-patchcore bottle`` runs anomalib's PatchCore on bottle only: on MTD (779k patches)
-its greedy would take over an hour at 1 %, so it is extrapolated from the rate measured on
+its greedy would take over an hour at 1 % (and ran out of 24 GiB of memory when tried, see
+vs_anomalib/mtd_patchcore_oom.md), so it is extrapolated from the rate measured on
 bottle in the same run, labelled as such.
 
 A child run of patchad (``--child patchad``) or of the floor (``--child floor``) is this same
@@ -416,7 +417,7 @@ def report(rows: list[dict]) -> str:
                     if pa.get(key) is not None and an.get(key) is not None:
                         parts.append(f"{key} patchad - anomalib {pa[key] - an[key]:+.4f}")
             if pa and an is None and "patchcore" in method and by:
-                parts.append("anomalib not run at this ratio (see the extrapolation below)")
+                parts.append("no anomalib row (any extrapolation is below)")
             for name, r in (("imagenet", pa), ("defaults", pd)):
                 if r:
                     parts.append(
