@@ -6,14 +6,45 @@ Every test runs offline on CPU: the backbone is the bundled ``tf_efficientnet_li
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from patchad.demo import make_demo_dataset
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 LITE0 = "tf_efficientnet_lite0"
+
+# Property tests: no per-example deadline (a busy machine is not a failure); in CI the examples
+# are derived from each test's name, so a run is the same on every machine.
+settings.register_profile("default", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("ci", parent=settings.get_profile("default"), derandomize=True)
+settings.load_profile("ci" if os.environ.get("CI") else "default")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run every selected test N times, e.g. `-m races --repeat 20` (see tests/README.md)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "races: signals, kills, queues, threads or servers racing the code under test"
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    repeat = metafunc.config.getoption("repeat")
+    if repeat > 1:
+        metafunc.fixturenames.append("_repeat")
+        metafunc.parametrize("_repeat", range(repeat), ids=lambda i: f"run{i}")
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import LITE0
+from holds import HANG_S
 from patchad.cli import main
 
 
@@ -129,7 +130,7 @@ def test_subprocess_exit_code_and_no_traceback(tmp_path: Path) -> None:
         ],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=HANG_S,
     )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr

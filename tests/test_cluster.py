@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +22,9 @@ import pytest
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
+from holds import HANG_S, Hold  # noqa: E402
 from patchad.cli import main  # noqa: E402
+from patchad.testhold import ENV  # noqa: E402
 
 FAST = ["--set", "image_size=64", "--set", "coreset_ratio=0.25", "--backbone"]
 FAST += ["tf_efficientnet_lite0"]
@@ -31,18 +32,30 @@ METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1_max", "n_train", "n_test",
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
-    """Two nodes of 1 CPU on this machine; the test process is connected as the driver."""
+def hold_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder of :mod:`patchad.testhold`'s points, known to every Ray worker."""
+    return tmp_path_factory.mktemp("holds")
+
+
+@pytest.fixture(scope="module")
+def cluster(hold_dir: Path) -> Iterator[Cluster]:
+    """Two nodes of 1 CPU on this machine; the test process is connected as the driver.
+
+    ``PATCHAD_TEST_HOLD`` is set before the nodes start, so that their workers inherit it."""
     if ray.is_initialized():
         ray.shutdown()
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    try:
-        c.add_node(num_cpus=1)
-        ray.init(address=c.address, log_to_driver=False)
-        yield c
-    finally:
-        ray.shutdown()
-        c.shutdown()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(ENV, str(hold_dir))
+        c = Cluster(
+            initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False}
+        )
+        try:
+            c.add_node(num_cpus=1)
+            ray.init(address=c.address, log_to_driver=False)
+            yield c
+        finally:
+            ray.shutdown()
+            c.shutdown()
 
 
 @pytest.fixture(autouse=True)
@@ -63,49 +76,23 @@ def _key(r: dict) -> tuple[str, str, str]:
     return (r["method"], r["category"], r["variant"])
 
 
-def _raylet_pids(c: Cluster) -> set[int]:
-    nodes = [c.head_node, *c.worker_nodes]
-    return {n.all_processes["raylet"][0].process.pid for n in nodes}
-
-
-def _tasks_running(c: Cluster, name: str) -> list[int]:
-    """Pids of this cluster's worker processes now running task ``name``."""
-    parents = _raylet_pids(c)
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid in parents and cmd.startswith(f"ray::{name}".encode()):
-            found.append(int(entry))
-    return found
-
-
 class _Killer(threading.Thread):
-    """Kills (SIGKILL) the first worker process seen running task ``name``, once."""
+    """Kills (SIGKILL) the first worker process that reaches hold point ``point``, once.
 
-    def __init__(self, c: Cluster, name: str, wait: float = 0.5, timeout: float = 120.0) -> None:
+    The point is armed when the killer is made; the killed task is retried by Ray, and the
+    retry (like every later arrival) passes the point: the kill lands mid-run on any machine."""
+
+    def __init__(self, folder: Path, point: str) -> None:
         super().__init__(daemon=True)
-        self.c, self.name, self.wait, self.timeout = c, name, wait, timeout
+        for old in folder.iterdir():  # a previous test's point
+            old.unlink()
+        self.hold = Hold(folder, point)
         self.killed: int | None = None
-        self.stop = threading.Event()
 
     def run(self) -> None:
-        end = time.monotonic() + self.timeout
-        while not self.stop.is_set() and time.monotonic() < end:
-            pids = _tasks_running(self.c, self.name)
-            if pids:
-                time.sleep(self.wait)  # let it get into the work
-                if pids[0] in _tasks_running(self.c, self.name):
-                    os.kill(pids[0], signal.SIGKILL)
-                    self.killed = pids[0]
-                    return
-            time.sleep(0.05)
+        pid = self.hold.wait()
+        os.kill(pid, signal.SIGKILL)
+        self.killed = pid
 
 
 def test_benchmark_equals_local_failed_cell_and_resume(
@@ -153,20 +140,16 @@ def test_benchmark_equals_local_failed_cell_and_resume(
         assert fixed["image_auroc"] == want[(method, "object", "original")]["image_auroc"]
 
 
+@pytest.mark.races
 def test_benchmark_survives_killed_worker(
-    cluster: Cluster, demo_root: Path, tmp_path: Path
+    cluster: Cluster, hold_dir: Path, demo_root: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "ray"
-    # 128 px cells take long enough to be seen and killed on a fast, idle machine too
     args = ["-q", "benchmark", "--data", str(demo_root), "--methods", "patchcore", *FAST]
-    args += ["--set", "image_size=128"]
-    killer = _Killer(cluster, "run_cell", wait=0.1)
+    killer = _Killer(hold_dir, "benchmark-cell")
     killer.start()
-    try:
-        assert main([*args, "--out", str(out), "--ray", cluster.address]) == 0
-    finally:
-        killer.stop.set()
-        killer.join()
+    assert main([*args, "--out", str(out), "--ray", cluster.address]) == 0
+    killer.join(HANG_S)
     assert killer.killed is not None
     rows = _rows(out)
     assert sorted(_key(r) for r in rows) == sorted(
@@ -209,8 +192,9 @@ def _tree(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
+@pytest.mark.races
 def test_predict_equals_local_killed_actor_and_resume(
-    cluster: Cluster, fitted, demo_root: Path, tmp_path: Path
+    cluster: Cluster, hold_dir: Path, fitted, demo_root: Path, tmp_path: Path
 ) -> None:
     from patchad import load
 
@@ -221,27 +205,16 @@ def test_predict_equals_local_killed_actor_and_resume(
     det.save(model)
     data = tmp_path / "test"
     shutil.copytree(demo_root / "object" / "test", data)
-    # The killed run scores 4 copies of the test set (20 batches), so that on an idle machine
-    # the killer still finds a scoring task running: 5 tiny batches can finish between polls.
-    many = tmp_path / "many"
-    for copy in range(4):
-        shutil.copytree(data, many / f"copy{copy}")
-    local, remote = tmp_path / "local_many", tmp_path / "ray"
-    args = ["-q", "predict", "--model", model, str(many)]
-    assert main(["--threads", "1", *args, "--out", str(local)]) == 0
-    killer = _Killer(cluster, "MapWorker(MapBatches(Scorer)).submit", wait=0.02)
-    killer.start()
-    try:
-        assert main([*args, "--out", str(remote), "--ray", cluster.address]) == 0
-    finally:
-        killer.stop.set()
-        killer.join()
-    assert killer.killed is not None
-    assert _tree(remote) == _tree(local)  # byte for byte, JOURNAL removed
-    local = tmp_path / "local"
+    local, remote = tmp_path / "local", tmp_path / "ray"
     args = ["-q", "predict", "--model", model, str(data)]
     assert main(["--threads", "1", *args, "--out", str(local)]) == 0
     want = _tree(local)
+    killer = _Killer(hold_dir, "ray-score")  # an actor is killed holding its first batch
+    killer.start()
+    assert main([*args, "--out", str(remote), "--ray", cluster.address]) == 0
+    killer.join(HANG_S)
+    assert killer.killed is not None
+    assert _tree(remote) == want  # byte for byte, JOURNAL removed
     assert "masks/good/000.png" in want
     # an interrupted run: stops at an unreadable image in the last batch
     paths = sorted(p for p in data.rglob("*.png"))

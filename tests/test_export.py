@@ -19,6 +19,7 @@ from tests.conftest import LITE0
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
+from holds import HANG_S  # noqa: E402
 from patchad import SPADE, PaDiM, PatchadError, PatchCore  # noqa: E402
 from patchad.cli import main  # noqa: E402
 from patchad.export import export_onnx  # noqa: E402
@@ -283,7 +284,11 @@ def _run_without(blocked: set[str], code: str, *args: str) -> subprocess.Complet
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     script = _NO_TORCH.replace("{BLOCKED}", repr(blocked)) + code
     return subprocess.run(
-        [sys.executable, "-c", script, *args], capture_output=True, text=True, env=env, timeout=120
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=HANG_S,
     )
 
 

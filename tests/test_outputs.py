@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from holds import HANG_S
 from patchad.cli import METHODS, main
 from patchad.errors import PatchadError
 from patchad.outputs import read_scores_csv, scores_csv, write_predictions
@@ -27,7 +28,7 @@ def test_import_patchad_and_the_parser_load_neither_torch_nor_timm() -> None:
         "print(','.join(heavy))\n"
     )
     done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_S, check=True
     )
     assert done.stdout.strip() == ""
 

@@ -15,6 +15,7 @@ from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 
 import patchad
 from conftest import LITE0, mvtec_category
+from holds import HANG_S
 from patchad import DETECTORS, SPADE, ConfigError, PaDiM
 from patchad.cli import main
 from patchad.detectors import spade as spade_module
@@ -428,7 +429,7 @@ def test_cli_subprocess_no_traceback(demo_root: Path, tmp_path: Path) -> None:
         ],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=HANG_S,
         check=False,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")},
     )

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from holds import HANG_S
 from patchad.cli import main
 from patchad.report import write_report
 
@@ -304,7 +305,7 @@ def test_report_in_headless_chromium(rendered, tmp_path):
         ],
         capture_output=True,
         text=True,
-        timeout=90,
+        timeout=HANG_S,
         check=False,
     )
     console = [

@@ -19,6 +19,7 @@ from PIL import Image
 
 import badinputs
 from conftest import LITE0
+from holds import HANG_S
 from patchad import cli
 from patchad.cli import main
 from patchad.errors import PatchadError
@@ -318,7 +319,7 @@ def test_debug_shows_traceback(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     res = subprocess.run(
         [sys.executable, "-c", script, "--debug", "demo", "--out", str(tmp_path / "d")],
-        capture_output=True, text=True, env=env, timeout=120,
+        capture_output=True, text=True, env=env, timeout=HANG_S,
     )  # fmt: skip
     assert res.returncode == 1
     assert "Traceback" in res.stderr
@@ -341,6 +342,7 @@ def test_predict_failing_half_way_keeps_what_finished(
     assert not (out / "scores.csv").exists()
 
 
+@pytest.mark.races
 def test_save_killed_mid_write_keeps_previous_model(model: Path, tmp_path: Path) -> None:
     import patchad
 
@@ -369,7 +371,7 @@ def test_save_killed_mid_write_keeps_previous_model(model: Path, tmp_path: Path)
         assert child.stdout.readline().strip() == "writing"
         child.send_signal(signal.SIGKILL)
     finally:
-        child.wait(timeout=60)
+        child.wait(timeout=HANG_S)
     assert child.returncode == -signal.SIGKILL
     assert target.read_bytes() == original
     patchad.load(target)  # still loads

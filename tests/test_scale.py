@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from holds import HANG_S, Hold
 from patchad import PatchCore
 from patchad.cli import main
 from patchad.demo import make_demo_dataset
@@ -142,6 +141,7 @@ def test_bad_threads_is_a_usage_error(capsys):
     assert "--threads" in capsys.readouterr().err
 
 
+@pytest.mark.races
 def test_ctrl_c_during_fit_leaves_nothing_on_disk(tmp_path):
     data = make_demo_dataset(tmp_path / "data", categories=("object",), n_train=12, size=128)
     tmp = tmp_path / "tmp"
@@ -149,19 +149,25 @@ def test_ctrl_c_during_fit_leaves_nothing_on_disk(tmp_path):
     out_dir = tmp_path / "models"
     out_dir.mkdir()
     out = out_dir / "m.safetensors"
-    env = {**os.environ, "PYTHONPATH": str(SRC), "TMPDIR": str(tmp)}
+    holds = tmp_path / "holds"
+    holds.mkdir()
+    # the fit holds after storing its first batch of features on disk: Ctrl-C lands mid-fit
+    hold = Hold(holds, "fit-batch")
+    env = {**Hold.env(holds), "PYTHONPATH": str(SRC), "TMPDIR": str(tmp)}
     cmd = [sys.executable, "-m", "patchad.cli", "--threads", "1", "fit"]
     cmd += ["--data", str(data / "object"), "--backbone", LITE0, "--out", str(out)]
-    cmd += ["--set", "image_size=128", "--set", "coreset_ratio=0.9"]
+    cmd += ["--set", "image_size=128", "--set", "coreset_ratio=0.9", "--set", "batch_size=4"]
     cmd += ["--set", "feature_storage=disk"]
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
-    for line in proc.stderr:  # wait until the fit has started
-        if line.startswith("memory estimate"):
-            break
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGINT)
-    rest = proc.stderr.read()
-    assert proc.wait(timeout=60) == 130, rest
+    try:
+        assert hold.wait() == proc.pid
+        proc.send_signal(signal.SIGINT)
+        rest = proc.stderr.read()
+        assert proc.wait(timeout=HANG_S) == 130, rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert not out.exists()
     assert list(out_dir.iterdir()) == []
     assert list(tmp.iterdir()) == []

@@ -30,6 +30,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("prometheus_client")
 from fastapi.testclient import TestClient
 
+from holds import HANG_S, Hold, wait_until
 from patchad.calibration import threshold_for_fpr
 from patchad.cli import main
 from patchad.errors import PatchadError
@@ -354,12 +355,13 @@ def test_internal_error_has_no_traceback_and_the_server_lives(test_images: list[
         assert c.post("/predict", files=_files(test_images[:1])).status_code == 500
 
 
+@pytest.mark.races
 def test_health_while_loading_and_after_a_failed_load(served: tuple[Any, Path]) -> None:
     det, _ = served
     release = threading.Event()
 
     def slow_load() -> Any:
-        release.wait(30)
+        release.wait(HANG_S)
         return det
 
     with TestClient(create_app(slow_load)) as c:
@@ -369,20 +371,14 @@ def test_health_while_loading_and_after_a_failed_load(served: tuple[Any, Path]) 
             c.post("/predict", files=[("files", ("a.png", b"x", "image/png"))]).status_code == 503
         )
         release.set()
-        for _ in range(300):
-            if c.get("/health").status_code == 200:
-                break
-            time.sleep(0.05)
+        wait_until(lambda: c.get("/health").status_code == 200, "ready after the load")
         assert c.get("/health").json()["ready"] is True
 
     def failing_load() -> Any:
         raise PatchadError("model.safetensors: not a patchad model file")
 
     with TestClient(create_app(failing_load)) as c:
-        for _ in range(300):
-            if c.get("/health").json()["status"] != "loading":
-                break
-            time.sleep(0.05)
+        wait_until(lambda: c.get("/health").json()["status"] != "loading", "the load failing")
         assert c.get("/health").json() == {
             "status": "failed",
             "ready": False,
@@ -391,20 +387,21 @@ def test_health_while_loading_and_after_a_failed_load(served: tuple[Any, Path]) 
 
 
 # ------------------------------------------------------------------------------- batching
-class _SlowModel:
-    """Scores images by their value; records each batch; each call takes ``delay`` s."""
+class _GatedModel:
+    """Scores images by their value and records each batch. With a ``gate``, every call sets
+    ``entered`` and then waits for the gate: a test knows the worker holds a batch."""
 
     method = "fake"
 
-    def __init__(self, delay: float, gate: threading.Event | None = None) -> None:
-        self.delay = delay
+    def __init__(self, gate: threading.Event | None = None) -> None:
         self.gate = gate
+        self.entered = threading.Event()
         self.batches: list[list[int]] = []
 
     def predict(self, images: list[int]) -> Prediction:
+        self.entered.set()
         if self.gate is not None:
-            self.gate.wait(10)
-        time.sleep(self.delay)
+            assert self.gate.wait(HANG_S), "hung: gate never opened"
         self.batches.append(list(images))
         scores = np.asarray(images, dtype=np.float32)
         return Prediction(
@@ -414,43 +411,52 @@ class _SlowModel:
         )
 
 
+@pytest.mark.races
 def test_batcher_batches_concurrent_images_and_answers_each() -> None:
-    model = _SlowModel(0.05)
+    gate = threading.Event()
+    model = _GatedModel(gate)
     batcher = Batcher(model.predict, batch_size=4, max_wait_s=0.02, max_queue=100)
     try:
         with ThreadPoolExecutor(16) as pool:
             futures = list(pool.map(lambda i: batcher.submit([i])[0], range(32)))
-        results = [f.result(10) for f in futures]
+        # every image is submitted; the worker holds its first batch at the gate
+        assert model.entered.wait(HANG_S)
+        first = 32 - batcher.depth
+        gate.set()
+        results = [f.result(HANG_S) for f in futures]
     finally:
+        gate.set()
         batcher.close()
     assert [float(r.scores[0]) for r in results] == list(range(32))
     assert all(float(r.maps[0][0, 0]) == i for i, r in enumerate(results))
     sizes = [len(b) for b in model.batches]
     assert sum(sizes) == 32
-    assert max(sizes) == 4
-    assert len(sizes) < 32  # batched, not one image per call
+    assert sizes[0] == first <= 4
+    rest = 32 - first  # waiting when the gate opened: taken in full batches
+    assert sizes[1:] == [4] * (rest // 4) + ([rest % 4] if rest % 4 else [])
     assert sorted(i for b in model.batches for i in b) == list(range(32))  # none lost/twice
 
 
+@pytest.mark.races
 def test_batcher_waits_at_most_max_wait_for_a_partial_batch() -> None:
-    model = _SlowModel(0.0)
+    model = _GatedModel()
     batcher = Batcher(model.predict, batch_size=8, max_wait_s=0.05, max_queue=10)
     try:
         future = batcher.submit([7])[0]
-        assert float(future.result(5).scores[0]) == 7
+        assert float(future.result(HANG_S).scores[0]) == 7
     finally:
         batcher.close()
     assert model.batches == [[7]]
 
 
+@pytest.mark.races
 def test_batcher_queue_bound_all_or_none_and_drain_on_close() -> None:
     gate = threading.Event()
-    model = _SlowModel(0.0, gate)
+    model = _GatedModel(gate)
     batcher = Batcher(model.predict, batch_size=2, max_wait_s=0.0, max_queue=4)
     first = batcher.submit([0, 1])  # taken by the worker, which then blocks on the gate
-    deadline = time.monotonic() + 5
-    while batcher.depth and time.monotonic() < deadline:
-        time.sleep(0.01)
+    assert model.entered.wait(HANG_S)
+    assert batcher.depth == 0
     queued = batcher.submit([2, 3, 4])
     with pytest.raises(QueueFull):
         batcher.submit([5, 6])  # 3 + 2 > 4: none of them is queued
@@ -459,11 +465,12 @@ def test_batcher_queue_bound_all_or_none_and_drain_on_close() -> None:
     assert batcher.full()
     gate.set()
     batcher.close()
-    assert [float(f.result(5).scores[0]) for f in first + queued] == [0, 1, 2, 3, 4, 5]
+    assert [float(f.result(HANG_S).scores[0]) for f in first + queued] == [0, 1, 2, 3, 4, 5]
     with pytest.raises(QueueFull):
         batcher.submit([9])
 
 
+@pytest.mark.races
 def test_batcher_error_reaches_every_waiter_and_the_worker_lives() -> None:
     calls = []
 
@@ -471,39 +478,42 @@ def test_batcher_error_reaches_every_waiter_and_the_worker_lives() -> None:
         calls.append(images)
         if len(calls) == 1:
             raise RuntimeError("boom")
-        return _SlowModel(0.0).predict(images)
+        return _GatedModel().predict(images)
 
     batcher = Batcher(predict, batch_size=4, max_wait_s=0.05, max_queue=10)
     try:
         failed = batcher.submit([1, 2])
         for f in failed:
             with pytest.raises(RuntimeError):
-                f.result(5)
-        assert float(batcher.submit([3])[0].result(5).scores[0]) == 3
+                f.result(HANG_S)
+        assert float(batcher.submit([3])[0].result(HANG_S).scores[0]) == 3
     finally:
         batcher.close()
 
 
+@pytest.mark.races
 def test_app_answers_503_with_retry_after_past_the_queue(test_images: list[Path]) -> None:
     gate = threading.Event()
+    entered = threading.Event()
 
-    class Blocked(_SlowModel):
+    class Blocked:
+        method = "fake"
         batch_size = 1
 
         def predict(self, images: list[Any]) -> Prediction:
-            gate.wait(20)
+            entered.set()
+            assert gate.wait(HANG_S), "hung: gate never opened"
             return Prediction(
                 scores=np.zeros(len(images), np.float32),
                 maps=[np.zeros((64, 64), np.float32) for _ in images],
                 names=[f"<image {i}>" for i in range(len(images))],
             )
 
-    with TestClient(create_app(Blocked(0.0), max_queue=2, max_wait_ms=0)) as c:
+    with TestClient(create_app(Blocked(), max_queue=2, max_wait_ms=0)) as c:
         batcher = c.app.state.patchad.batcher
         first = batcher.submit([0])  # taken by the worker, which then waits at the gate
-        deadline = time.monotonic() + 20
-        while batcher.depth and time.monotonic() < deadline:
-            time.sleep(0.02)
+        assert entered.wait(HANG_S)
+        assert batcher.depth == 0
         waiting = batcher.submit([1, 2])  # 2 images waiting: the queue is full
         refused = c.post("/predict", files=_files(test_images[:1]))
         assert refused.status_code == 503
@@ -511,19 +521,24 @@ def test_app_answers_503_with_retry_after_past_the_queue(test_images: list[Path]
         assert c.get("/health").status_code == 200
         gate.set()
         for future in [*first, *waiting]:
-            future.result(30)
+            future.result(HANG_S)
         assert c.post("/predict", files=_files(test_images[:1])).status_code == 200
         assert "patchad_rejected_total 1.0" in c.get("/metrics").text
 
 
 # ------------------------------------------------------------------------- real server
+HANG_MS = int(HANG_S * 1000)  # Playwright's timeouts are in ms
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _wait_ready(port: int, process: subprocess.Popen | None = None, timeout: float = 180) -> None:
+def _wait_ready(
+    port: int, process: subprocess.Popen | None = None, timeout: float = HANG_S
+) -> None:
     import httpx
 
     deadline = time.monotonic() + timeout
@@ -548,7 +563,7 @@ def _raw_post(port: int, body: bytes, headers: dict[str, str], sent: threading.E
         f"Content-Type: {headers['content-type']}\r\nContent-Length: {len(body)}\r\n"
         "Connection: close\r\n\r\n"
     ).encode()
-    with socket.create_connection(("127.0.0.1", port), timeout=120) as s:
+    with socket.create_connection(("127.0.0.1", port), timeout=HANG_S) as s:
         s.sendall(head + body)
         sent.set()
         reply = b""
@@ -559,12 +574,24 @@ def _raw_post(port: int, body: bytes, headers: dict[str, str], sent: threading.E
     return status, payload
 
 
+def _gauge(port: int, name: str) -> float:
+    """A gauge's value from the server's ``/metrics``."""
+    import httpx
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=HANG_S).text
+    return float(next(line.split()[1] for line in text.splitlines() if line.startswith(name)))
+
+
+@pytest.mark.races
 def test_sigterm_mid_flight_answers_every_request_sent(
     served: tuple[Any, Path], test_images: list[Path], tmp_path: Path
 ) -> None:
     det, model = served
     port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    holds = tmp_path / "holds"
+    holds.mkdir()
+    hold = Hold(holds, "serve-batch")  # the worker holds the first batch it takes
+    env = {**Hold.env(holds), "PYTHONPATH": str(SRC)}
     process = subprocess.Popen(
         [
             sys.executable,
@@ -584,29 +611,36 @@ def test_sigterm_mid_flight_answers_every_request_sent(
         env=env,
         cwd=tmp_path,
     )
+    log: list[str] = []
     try:
         _wait_ready(port, process)
+        reader = threading.Thread(target=lambda: log.extend(process.stderr), daemon=True)
+        reader.start()
         images = (test_images * 4)[:16]
         body, headers = _multipart(_files(images))
         n = 6
         sent = [threading.Event() for _ in range(n)]
         with ThreadPoolExecutor(n) as pool:
             replies = [pool.submit(_raw_post, port, body, headers, e) for e in sent]
-            for event in sent:
-                assert event.wait(60)
-            time.sleep(0.3)  # every request parsed by the server
-            answered_before = sum(r.done() for r in replies)
+            hold.wait()
+            # every request's images queued (each request queues all 16 or none), and one
+            # batch (at most batch_size = 4 images) held by the worker: nothing answered yet
+            wait_until(lambda: _gauge(port, "patchad_queue_depth") >= n * 16 - 4, "all queued")
+            assert _gauge(port, "patchad_predict_in_flight") == n
             process.send_signal(signal.SIGTERM)
-            answers = [r.result(180) for r in replies]
+            wait_until(lambda: any("Shutting down" in line for line in log), "shutting down")
+            assert not any(r.done() for r in replies)
+            hold.release()
+            answers = [r.result(HANG_S) for r in replies]
         # uvicorn re-raises the signal once it has shut down gracefully
-        assert process.wait(60) in (0, -signal.SIGTERM)
-        log = process.stderr.read() if process.stderr else ""
+        assert process.wait(HANG_S) in (0, -signal.SIGTERM)
+        reader.join(HANG_S)
     finally:
+        hold.release()
         if process.poll() is None:
             process.kill()
-            process.wait(10)
-    assert "Application shutdown complete" in log
-    assert answered_before < n, "every request finished before the signal; not mid-flight"
+            process.wait(HANG_S)
+    assert "Application shutdown complete" in "".join(log)
     expected = det.predict(images).scores
     for status, payload in answers:
         assert status == 200
@@ -637,12 +671,12 @@ def test_page_in_a_real_browser(
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
-        _wait_ready(port, timeout=60)
+        _wait_ready(port)
         import httpx
 
         # choose a good and a defective image whose decisions the API gives
         results = httpx.post(
-            f"http://127.0.0.1:{port}/predict", files=_files(test_images), timeout=60
+            f"http://127.0.0.1:{port}/predict", files=_files(test_images), timeout=HANG_S
         ).json()["results"]
         by_name = {r["name"]: r for r in results}
         good = next(
@@ -684,8 +718,8 @@ def test_page_in_a_real_browser(
                         else None
                     ),
                 )
-                page.goto(f"http://127.0.0.1:{port}/", timeout=30_000)
-                page.wait_for_selector("#facts tr", timeout=30_000)
+                page.goto(f"http://127.0.0.1:{port}/", timeout=HANG_MS)
+                page.wait_for_selector("#facts tr", timeout=HANG_MS)
                 assert "patchcore" in page.inner_text("#facts")
                 page.set_input_files(
                     "#files", [str(upload / "good.png"), str(upload / f"{defect.parent.name}.png")]
@@ -694,7 +728,7 @@ def test_page_in_a_real_browser(
                     "document.querySelectorAll('.result img.overlay').length == 2 && "
                     "[...document.querySelectorAll('.result img.overlay')]"
                     ".every(i => i.complete && i.naturalWidth > 0)",
-                    timeout=60_000,
+                    timeout=HANG_MS,
                 )
                 decisions = {
                     page.inner_text(f".result:nth-child({i}) .name"): page.get_attribute(
@@ -713,7 +747,7 @@ def test_page_in_a_real_browser(
                 text = f"{scored} calibration"
                 page.wait_for_function(
                     f"document.querySelector('#threshold').textContent.includes('{text}')",
-                    timeout=10_000,
+                    timeout=HANG_MS,
                 )
                 for i in (1, 2):
                     name = page.inner_text(f".result:nth-child({i}) .name")
@@ -726,7 +760,7 @@ def test_page_in_a_real_browser(
                 browser.close()
     finally:
         server.should_exit = True
-        thread.join(30)
+        thread.join(HANG_S)
     assert (tmp_path / "page.png").stat().st_size > 10_000
     shutil.copy(tmp_path / "page.png", Path(tempfile.gettempdir()) / "patchad_serve_page.png")
 

@@ -30,6 +30,7 @@ from patchad.atomic import atomic_write_bytes, save_npz_atomic
 from patchad.datasets import TestSet, find_categories, load_category
 from patchad.errors import PatchadError
 from patchad.evaluate import Report, evaluate, rotate_pair, shift_pair
+from patchad.testhold import hold
 from patchad.thumbnails import THUMB, thumb_map, write_images_file
 
 __all__ = ["CellResult", "RSSSampler", "git_sha", "run_benchmark", "run_cell"]
@@ -283,6 +284,7 @@ def run_cell(
 
     detector = DETECTORS[method](**settings)
     n = len(test_set.samples)
+    hold("benchmark-cell")  # tests only: a (Ray) worker holds a cell it started
     with RSSSampler() as sampler:
         t0 = time.perf_counter()
         detector.fit(list(test_set.train), progress=progress)

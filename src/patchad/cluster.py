@@ -229,6 +229,9 @@ class Scorer:
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
         """Ray Data's call: input columns ``batch`` (n,) and ``paths`` (n, list of str), one
         output row per input row (n is 1: ``map_batches(batch_size=1)``)."""
+        from patchad.testhold import hold
+
+        hold("ray-score")  # tests only: an actor holds a batch it took
         out: dict[str, list[Any]] = {"batch": [], "result": [], "error": []}
         for k, paths in zip(batch["batch"], batch["paths"], strict=True):
             out["batch"].append(int(k))

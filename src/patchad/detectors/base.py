@@ -38,6 +38,7 @@ from patchad.loading import ImageLike, Images, as_items, iter_batches
 from patchad.modelfile import read_model, write_model
 from patchad.ops.maps import anomaly_map
 from patchad.prediction import Prediction, decide
+from patchad.testhold import hold
 
 if typing.TYPE_CHECKING:
     from typing_extensions import Self
@@ -293,6 +294,8 @@ class Detector(InputGeometry):
 
         def counted() -> Iterator[list[Tensor]]:
             for features in batches:
+                if seen[0]:
+                    hold("fit-batch")  # tests only: a batch is stored, the next is asked for
                 seen[0] += features[0].shape[0]
                 yield features
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from patchad.prediction import Prediction
+from patchad.testhold import hold
 
 
 class QueueFull(Exception):
@@ -137,6 +138,7 @@ class Batcher:
         while (batch := self._take()) is not None:
             if not batch:
                 continue
+            hold("serve-batch")  # tests only: the worker holds a batch it took
             start = time.perf_counter()
             try:
                 prediction = self.predict([image for image, _ in batch])
