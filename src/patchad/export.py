@@ -264,6 +264,13 @@ def export_metadata(detector: Any, external: dict[str, Any] | None) -> dict[str,
         "weights_source": detector.extractor_.weights_source,
         "config": detector.get_params(),
         "calibration": calibration,
+        "model_id": detector.model_id(),
+        "lineage": getattr(detector, "lineage_", None),
+        "learned": {
+            name: list(getattr(detector, name).shape)
+            for name in (*detector.learned_tensors, *detector.optional_tensors)
+            if hasattr(detector, name)
+        },
         "external_data": external,
         "opset": OPSET,
     }

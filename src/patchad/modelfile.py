@@ -3,8 +3,9 @@
 The safetensors metadata holds one key, ``patchad``, whose value is a JSON object (sorted keys,
 so equal models give identical bytes) with: ``format`` (``"patchad"``), ``format_version``,
 ``patchad_version``, ``method``, ``config`` (the constructor parameters), ``state`` (learned
-non-tensor values), ``fingerprint`` (of the backbone weights) and ``checksum`` (SHA-256 of every
-tensor's name, dtype, shape and bytes). Writes are atomic: a temporary file in the same folder,
+non-tensor values, with the lineage: :mod:`patchad.lineage`), ``fingerprint`` (of the backbone
+weights), ``checksum`` (SHA-256 of every tensor's name, dtype, shape and bytes) and ``model_id``
+(:func:`model_id`). Writes are atomic: a temporary file in the same folder,
 fsync, then rename. A write killed mid-way leaves the old file intact and, at worst, a hidden
 ``.<name>.*.tmp`` file, removed by the next successful write once it is an hour old.
 """
@@ -40,6 +41,25 @@ def checksum(tensors: dict[str, Tensor]) -> str:
     return digest.hexdigest()
 
 
+def model_id(
+    checksum_hex: str, method: str, config: dict[str, Any], state: dict[str, Any], fingerprint: str
+) -> str:
+    """A model's id: SHA-256 of its tensors' :func:`checksum` and its metadata (method,
+    config, state with thresholds and lineage, backbone fingerprint), not of the patchad version
+    or the file's bytes. Equal models have equal ids; any update or recalibration changes it."""
+    content = json.dumps(
+        {
+            "checksum": checksum_hex,
+            "method": method,
+            "config": config,
+            "state": state,
+            "fingerprint": fingerprint,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(content.encode("utf-8")).hexdigest()
+
+
 def write_model(
     path: str | os.PathLike[str],
     tensors: dict[str, Tensor],
@@ -54,6 +74,7 @@ def write_model(
     from patchad import __version__
 
     contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    digest = checksum(contiguous)
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -62,7 +83,8 @@ def write_model(
         "config": config,
         "state": state,
         "fingerprint": fingerprint,
-        "checksum": checksum(contiguous),
+        "checksum": digest,
+        "model_id": model_id(digest, method, config, state, fingerprint),
     }
     header = {METADATA_KEY: json.dumps(metadata, sort_keys=True)}
     atomic_write_bytes(path, save(contiguous, metadata=header), force=force)

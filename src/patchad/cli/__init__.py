@@ -1,13 +1,13 @@
-"""The ``patchad`` command line: ``fit``, ``predict``, ``export``, ``calibrate``, ``evaluate``,
-``benchmark``, ``demo``, ``report`` and ``serve``.
+"""The ``patchad`` command line: ``fit``, ``update``, ``info``, ``predict``, ``export``,
+``calibrate``, ``evaluate``, ``benchmark``, ``demo``, ``report`` and ``serve``.
 
 Exit codes: 0 success; 1 anomalies found (``predict --fail-on-anomaly``); 2 usage or input
 error (one line on stderr, no traceback); 3 internal error (a crash report is written to a file
 and its path printed, unless ``--debug`` shows the traceback).
 
-Modules: ``parser`` (arguments and help), ``commands`` (one ``cmd_<name>`` per command, thin
-calls into the library); this one holds :func:`main`, which parses, dispatches and turns errors
-into exit codes.
+Modules: ``parser`` (arguments and help), ``commands`` and ``upkeep`` (``update``, ``info``):
+one ``cmd_<name>`` per command, thin calls into the library; this one holds :func:`main`, which
+parses, dispatches and turns errors into exit codes.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from patchad.cli.parser import (
     PRESETS,
     build_parser,
 )
+from patchad.cli.upkeep import cmd_info, cmd_update
 from patchad.errors import PatchadError
 from patchad.outputs import output_names
 from patchad.prediction import result_record
@@ -69,9 +70,11 @@ __all__ = [
     "cmd_evaluate",
     "cmd_export",
     "cmd_fit",
+    "cmd_info",
     "cmd_predict",
     "cmd_report",
     "cmd_serve",
+    "cmd_update",
     "ensure_out_dir",
     "main",
     "output_names",
@@ -145,6 +148,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("patchad: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `patchad info --json M | head`: the reader left, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except Exception as exc:
         if debug:
             raise

@@ -399,7 +399,12 @@ BENCHMARK_SETTINGS: dict[str, Any] = {"calibration_split": 0.0}
 
 
 #: Fast settings of ``patchad demo`` (all methods): 128 px input, the bundled backbone.
-DEMO_SETTINGS: dict[str, Any] = {**BENCHMARK_SETTINGS, "image_size": 128, "coreset_ratio": 0.1}
+DEMO_SIZE = 128
+DEMO_SETTINGS: dict[str, Any] = {
+    **BENCHMARK_SETTINGS,
+    "image_size": DEMO_SIZE,
+    "coreset_ratio": 0.1,
+}
 
 
 #: ``patchad demo`` evaluates robustness to a shift of this many pixels and degrees.
@@ -408,6 +413,7 @@ DEMO_SHIFT = 4
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from patchad.demo import DEMO_CATEGORIES, describe, make_demo_dataset
+    from patchad.demo_drift import run_drift_demo
 
     out = ensure_out_dir(Path(args.out), args.force)
     data = make_demo_dataset(
@@ -416,7 +422,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         n_train=20,
         n_test_good=10,
         n_test_defect=5,
-        size=128,
+        size=DEMO_SIZE,
     )
     _say(args, f"demo data written to {data} (what each category shows: {data}/README.txt)")
     bench = argparse.Namespace(
@@ -435,7 +441,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _run_benchmark(bench, data, out, DEMO_SETTINGS)
     results = out / "results.md"
     notes = describe(tuple(DEMO_CATEGORIES), markdown=True)
-    write_text_atomic(results, results.read_text() + "\n" + notes)
+    settings = {**DEMO_SETTINGS, "backbone": bench.backbone}
+    _say(args, "drift: the part under a new lamp and finish, before and after `update`")
+    drift = run_drift_demo(out, settings, size=DEMO_SIZE)
+    write_text_atomic(results, results.read_text() + "\n" + notes + "\n" + drift)
     return EXIT_OK
 
 

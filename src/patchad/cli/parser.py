@@ -127,6 +127,46 @@ def build_parser() -> argparse.ArgumentParser:
     _cpus_argument(fit, "coreset shard task")
     fit.set_defaults(func="fit")
 
+    update = sub.add_parser("update", help="add new good images to a fitted model, without a refit")
+    update.add_argument("--model", required=True, help="model file from `patchad fit`")
+    update.add_argument(
+        "--data",
+        metavar="NEW_GOOD_DIR",
+        help="MVTec category folder (uses train/good) or a plain folder of new good images",
+    )
+    update.add_argument(
+        "--calibration-split",
+        type=float,
+        help="share of the new images held out for the thresholds (default: the model's, 0.1 "
+        "unless set at fit; 0 = every new image goes into the model)",
+    )
+    update.add_argument(
+        "--calibration-dir",
+        metavar="DIR",
+        help="recalibrate on this folder of good images instead (every new image goes in)",
+    )
+    update.add_argument("--fpr", type=float, help="chosen false-alarm rate (default: stored)")
+    update.add_argument(
+        "--max-added",
+        type=int,
+        metavar="N",
+        help="PatchCore: most patches added to the memory bank (default: no cap)",
+    )
+    update.add_argument("--out", required=True, help="model file to write (.safetensors)")
+    update.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    update.add_argument("--weights", help="backbone weights file, if not where it was at fit")
+    update.add_argument(
+        "--skip-bad", action="store_true", help="skip unreadable images with a warning each"
+    )
+    update.set_defaults(func="update")
+
+    info = sub.add_parser(
+        "info", help="what a model file holds: method, geometry, calibration, size, lineage"
+    )
+    info.add_argument("model", metavar="MODEL", help="model file (.safetensors or .onnx)")
+    info.add_argument("--json", action="store_true", help="print the facts as JSON")
+    info.set_defaults(func="info")
+
     predict = sub.add_parser("predict", help="score images; write scores, maps and overlays")
     predict.add_argument(
         "--model",

@@ -18,8 +18,9 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from patchad import lineage
 from patchad.detectors.inputs import InputGeometry
-from patchad.errors import ConfigError, NotFittedError, PatchadError
+from patchad.errors import ConfigError, NotFittedError
 from patchad.features import (
     FeatureExtractor,
     Preprocess,
@@ -28,14 +29,12 @@ from patchad.features import (
     layers_at_strides,
 )
 from patchad.geometry import (
-    RESIZE_MODES,
     Box,
     Size,
-    parse_image_size,
     stitch,
 )
 from patchad.loading import ImageLike, Images, as_items, iter_batches
-from patchad.modelfile import read_model, write_model
+from patchad.modelfile import checksum, model_id, write_model
 from patchad.ops.maps import anomaly_map
 from patchad.prediction import Prediction, decide
 from patchad.testhold import hold
@@ -64,6 +63,9 @@ class Detector(InputGeometry):
     #: Learned tensors written to the model file (a subclass whose names depend on its
     #: parameters, like SPADE's one gallery per layer, overrides this with a property).
     learned_tensors: ClassVar[tuple[str, ...]] = ()
+    #: Learned tensors written when present and read when the file has them (e.g. what an
+    #: exact :meth:`update` needs, which older files lack).
+    optional_tensors: ClassVar[tuple[str, ...]] = ()
     #: Calibration tensors, written to the model file when the detector is calibrated.
     calibration_tensors: ClassVar[tuple[str, ...]] = (
         "calibration_scores_",
@@ -125,30 +127,7 @@ class Detector(InputGeometry):
 
     def _validate(self) -> None:
         """Check parameters before any work; raise :class:`ConfigError`."""
-        size = parse_image_size(self.image_size)
-        if self.resize not in RESIZE_MODES:
-            raise ConfigError(f"resize must be one of {list(RESIZE_MODES)}, got {self.resize!r}")
-        if self.resize == "keep_aspect" and isinstance(size, tuple) and size[0] != size[1]:
-            raise ConfigError(
-                f"resize=keep_aspect scales the shorter side to image_size, which must be one "
-                f"side (e.g. 256), got {self.image_size!r}"
-            )
-        if self.crop_size is not None:
-            if not isinstance(self.image_size, int):
-                raise ConfigError(f"crop_size needs an integer image_size, got {self.image_size!r}")
-            if not 16 <= self.crop_size <= self.image_size:
-                raise ConfigError(
-                    f"crop_size must be in [16, image_size={self.image_size}], "
-                    f"got {self.crop_size!r}"
-                )
-            if self.resize != "squash" or self.tile_size is not None:
-                raise ConfigError("crop_size works with resize=squash and no tiling only")
-        if self.tile_size is not None and (
-            not isinstance(self.tile_size, int) or self.tile_size < 32
-        ):
-            raise ConfigError(f"tile_size must be an integer >= 32 or None, got {self.tile_size!r}")
-        if not isinstance(self.tile_overlap, (int, float)) or not 0 <= self.tile_overlap < 1:
-            raise ConfigError(f"tile_overlap must be in [0, 1), got {self.tile_overlap!r}")
+        self._validate_geometry()
         if self.blur_sigma < 0:
             raise ConfigError(f"blur_sigma must be >= 0, got {self.blur_sigma!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -302,9 +281,61 @@ class Detector(InputGeometry):
         self._fit(counted(), len(self._fit_views), progress)
         self.n_train_ = seen[0]
         self.fingerprint_ = self.extractor_.fingerprint
+        self.lineage_ = {"fit": lineage.record(train, seen[0], len(calib)), "updates": []}
         if calib:
             self.calibrate(calib, progress=progress)
         return self
+
+    def update(
+        self,
+        images: Images,
+        *,
+        calibration: Images | None = None,
+        max_added: int | None = None,
+        progress: bool = False,
+        skip_bad: bool = False,
+    ) -> Self:
+        """Add new good images to the fitted (or loaded) model without a refit: PaDiM and
+        SPADE become a fit on old and new images together, PatchCore continues its coreset.
+        The rules per method, thresholds included: :mod:`patchad.update`.
+
+        Args:
+            images: new good images, as for :meth:`fit`; ``calibration_split`` of them are
+                held out for the thresholds.
+            calibration: good images to recalibrate on instead (every new image goes in).
+            max_added: PatchCore only: most patches added to the memory bank (None: no cap).
+            progress: show progress bars.
+            skip_bad: skip unreadable images with a warning each instead of raising.
+
+        Returns:
+            self; what changed is in ``last_update_`` (:class:`patchad.update.UpdateReport`).
+        """
+        from patchad.update import update_detector
+
+        self.last_update_ = update_detector(
+            self,
+            images,
+            calibration=calibration,
+            max_added=max_added,
+            progress=progress,
+            skip_bad=skip_bad,
+        )
+        return self
+
+    def _check_updatable(self) -> None:
+        """Refuse an :meth:`update` the model cannot take; raise :class:`PatchadError`."""
+
+    def _update_shape_problem(self, resized: Size) -> str | None:
+        """Why an image resized to ``resized`` (H, W) cannot join the model in an
+        :meth:`update`, or None (the default: any shape)."""
+        return None
+
+    def _update(
+        self, batches: Iterator[list[Tensor]], num_images: int, max_added: int | None
+    ) -> dict[str, Any]:
+        """Add the new training feature batches to the model; return what was added (for the
+        lineage and the report: JSON-friendly numbers)."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ calibration
     @property
@@ -508,15 +539,13 @@ class Detector(InputGeometry):
     def _set_state(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`_state` returned."""
 
-    def save(self, path: str | os.PathLike[str], *, force: bool = False) -> None:
-        """Write the fitted detector to one ``.safetensors`` file, atomically.
-
-        Raises:
-            PatchadError: the file exists and ``force`` is false.
-        """
-        self._check_fitted("save")
+    def _payload(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """The tensors and the state a model file holds."""
         tensors = {name: getattr(self, name) for name in self.learned_tensors}
+        tensors.update({n: getattr(self, n) for n in self.optional_tensors if hasattr(self, n)})
         state = self._state()
+        if hasattr(self, "lineage_"):
+            state = {**state, "lineage": self.lineage_}
         if hasattr(self, "n_train_"):
             state = {**state, "n_train": self.n_train_}
         size = self.input_size()
@@ -531,6 +560,26 @@ class Detector(InputGeometry):
                     "pixel_threshold": self.pixel_threshold_,
                 },
             }
+        return tensors, state
+
+    def model_id(self) -> str:
+        """The id :meth:`save` writes (:func:`patchad.modelfile.model_id`), from what the
+        detector holds now."""
+        self._check_fitted("model_id")
+        tensors, state = self._payload()
+        contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        return model_id(
+            checksum(contiguous), self.method, self.get_params(), state, self.fingerprint_
+        )
+
+    def save(self, path: str | os.PathLike[str], *, force: bool = False) -> None:
+        """Write the fitted detector to one ``.safetensors`` file, atomically.
+
+        Raises:
+            PatchadError: the file exists and ``force`` is false.
+        """
+        self._check_fitted("save")
+        tensors, state = self._payload()
         write_model(
             path,
             tensors,
@@ -540,64 +589,3 @@ class Detector(InputGeometry):
             fingerprint=self.fingerprint_,
             force=force,
         )
-
-
-def load(path: str | os.PathLike[str], *, weights: str | None = None) -> Detector:
-    """Read a detector saved with :meth:`Detector.save`.
-
-    Args:
-        path: the ``.safetensors`` model file.
-        weights: a local backbone weights file to use instead of the one recorded at fit time.
-
-    Raises:
-        PatchadError: the file is missing, corrupt, not patchad's, from a newer version, or the
-            backbone weights found now differ from those the model was fitted with.
-    """
-    from patchad.detectors import DETECTORS
-
-    tensors, meta = read_model(path)
-    method = meta.get("method")
-    if method not in DETECTORS:
-        raise PatchadError(f"{path}: unknown method {method!r} in model file")
-    cls = DETECTORS[method]
-    config = dict(meta["config"])
-    unknown = sorted(set(config) - set(cls.param_names()))
-    if unknown:
-        raise PatchadError(f"{path}: unknown parameters {unknown} (made by a newer patchad?)")
-    if isinstance(config.get("layers"), list):
-        config["layers"] = tuple(config["layers"])
-    if weights is not None:
-        config["weights"] = weights
-    detector = cls(**config)
-    state = dict(meta["state"])
-    input_size = state.pop("input_size", None)  # absent in files made before geometry
-    if input_size is not None:
-        detector.input_size_ = input_size if isinstance(input_size, str) else tuple(input_size)
-    detector._build()
-    if detector.extractor_.fingerprint != meta["fingerprint"]:
-        raise PatchadError(
-            f"{path}: fitted with other {detector.backbone} weights (fingerprint "
-            f"{meta['fingerprint']}, now {detector.extractor_.fingerprint} from "
-            f"{detector.extractor_.weights_source}); pass the original file with --weights"
-        )
-    missing = [n for n in detector.learned_tensors if n not in tensors]
-    if missing:
-        raise PatchadError(f"{path}: model file lacks tensors {missing}")
-    for name in detector.learned_tensors:
-        setattr(detector, name, tensors[name])
-    calibration = state.pop("calibration", None)
-    n_train = state.pop("n_train", None)
-    if n_train is not None:  # absent from files written before it was recorded
-        detector.n_train_ = int(n_train)
-    detector._set_state(state)
-    detector.fingerprint_ = meta["fingerprint"]
-    if calibration is not None:
-        missing = [n for n in detector.calibration_tensors if n not in tensors]
-        if missing:
-            raise PatchadError(f"{path}: calibrated model file lacks tensors {missing}")
-        for name in detector.calibration_tensors:
-            setattr(detector, name, tensors[name])
-        detector.fpr = calibration["fpr"]
-        detector.image_threshold_ = float(calibration["image_threshold"])
-        detector.pixel_threshold_ = float(calibration["pixel_threshold"])
-    return detector

@@ -17,6 +17,7 @@ from patchad.features import (
     layer_indices,
 )
 from patchad.geometry import (
+    RESIZE_MODES,
     Box,
     Size,
     auto_side,
@@ -39,6 +40,34 @@ class InputGeometry:
     #: bank and SPADE's gallery are sets of patches (paper, Sec. 3), PaDiM's Gaussians belong
     #: to the positions of one training grid.
     any_input_size: ClassVar[bool] = True
+
+    def _validate_geometry(self) -> None:
+        """Check ``image_size``, ``resize``, ``crop_size`` and the tiles; raise
+        :class:`ConfigError`."""
+        size = parse_image_size(self.image_size)
+        if self.resize not in RESIZE_MODES:
+            raise ConfigError(f"resize must be one of {list(RESIZE_MODES)}, got {self.resize!r}")
+        if self.resize == "keep_aspect" and isinstance(size, tuple) and size[0] != size[1]:
+            raise ConfigError(
+                f"resize=keep_aspect scales the shorter side to image_size, which must be one "
+                f"side (e.g. 256), got {self.image_size!r}"
+            )
+        if self.crop_size is not None:
+            if not isinstance(self.image_size, int):
+                raise ConfigError(f"crop_size needs an integer image_size, got {self.image_size!r}")
+            if not 16 <= self.crop_size <= self.image_size:
+                raise ConfigError(
+                    f"crop_size must be in [16, image_size={self.image_size}], "
+                    f"got {self.crop_size!r}"
+                )
+            if self.resize != "squash" or self.tile_size is not None:
+                raise ConfigError("crop_size works with resize=squash and no tiling only")
+        if self.tile_size is not None and (
+            not isinstance(self.tile_size, int) or self.tile_size < 32
+        ):
+            raise ConfigError(f"tile_size must be an integer >= 32 or None, got {self.tile_size!r}")
+        if not isinstance(self.tile_overlap, (int, float)) or not 0 <= self.tile_overlap < 1:
+            raise ConfigError(f"tile_overlap must be in [0, 1), got {self.tile_overlap!r}")
 
     def max_stride(self) -> int:
         """The largest feature stride of the resolved layers (keep_aspect and auto round to it)."""

@@ -14,7 +14,14 @@ from torch import Tensor
 from patchad.detectors.base import Detector
 from patchad.errors import ConfigError, PatchadError
 from patchad.geometry import Box, Size
-from patchad.ops.gaussian import Moments, accumulate, fit_gaussians, mahalanobis
+from patchad.ops.gaussian import (
+    Moments,
+    accumulate,
+    fit_gaussians,
+    mahalanobis,
+    merge_moments,
+    moments_from_gaussians,
+)
 from patchad.ops.patches import align_and_concat
 
 #: The paper's reduced sizes d for its two backbones (R18-Rd100, WR50-Rd550), layers 1-3.
@@ -92,6 +99,9 @@ class PaDiM(Detector):
             backbone input with its own Gaussians; maps are stitched with a smooth window
             (None = no tiling).
         tile_overlap: least overlap of neighbouring tiles, as a fraction of ``tile_size``.
+        updatable: also keep each position's covariance (``cov_``, as large as ``inv_cov_``:
+            the model file doubles) and the image count, so that :meth:`update` is exact;
+            False halves the file and refuses updates.
 
     Example:
         >>> from patchad.demo import demo_images
@@ -106,6 +116,7 @@ class PaDiM(Detector):
     any_input_size = False
     default_strides = (4, 8, 16)
     learned_tensors = ("mean_", "inv_cov_", "channel_index_")
+    optional_tensors = ("cov_",)
 
     def __init__(
         self,
@@ -126,6 +137,7 @@ class PaDiM(Detector):
         resize: str = "squash",
         tile_size: int | None = None,
         tile_overlap: float = 0.25,
+        updatable: bool = True,
     ) -> None:
         super().__init__(
             backbone=backbone,
@@ -145,6 +157,7 @@ class PaDiM(Detector):
         )
         self.n_features = n_features
         self.epsilon = epsilon
+        self.updatable = updatable
 
     def _validate(self) -> None:
         super()._validate()
@@ -235,15 +248,20 @@ class PaDiM(Detector):
         return scores, maps
 
     def _state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {}
+        if hasattr(self, "count_"):
+            state["count"] = self.count_
         shape = getattr(self, "input_shape_", None)
         if shape is None:
-            return {}
-        state: dict[str, Any] = {"input_shape": list(shape)}
+            return state
+        state["input_shape"] = list(shape)
         if self.tile_size is not None:
             state["tiles"] = [list(box) for box in self.tile_boxes_]
         return state
 
     def _set_state(self, state: dict[str, Any]) -> None:
+        if "count" in state:
+            self.count_ = int(state["count"])
         if "input_shape" in state:  # absent in files made before geometry: no resizing
             self.input_shape_ = tuple(state["input_shape"])
             boxes = state.get("tiles", [[0, 0, *self.input_shape_]])
@@ -255,16 +273,18 @@ class PaDiM(Detector):
         (not the backbone, one batch's activations or the runtime).
 
         Returns:
-            ``positions``, ``dim`` (d), ``model`` (``mean_`` and ``inv_cov_``, float32: what the
-            model file and a loaded model hold) and ``peak`` (the fit's float32 sums, shift,
-            sum and sum of outer products, whose buffer becomes ``inv_cov_``, plus ``mean_``).
+            ``positions``, ``dim`` (d), ``model`` (``mean_`` and ``inv_cov_``, and ``cov_`` when
+            ``updatable``, float32: what the model file and a loaded model hold) and ``peak``
+            (the fit's float32 sums, shift, sum and sum of outer products, whose buffer becomes
+            ``inv_cov_``, plus ``mean_`` and ``cov_``).
         """
         d = self.resolved_n_features
+        cov = positions * d * d * 4 if self.updatable else 0
         return {
             "positions": positions,
             "dim": d,
-            "model": positions * d * (d + 1) * 4,
-            "peak": positions * d * (d + 3) * 4,
+            "model": positions * d * (d + 1) * 4 + cov,
+            "peak": positions * d * (d + 3) * 4 + cov,
         }
 
     def _describe_views(self, num_images: int, views: list[Size]) -> list[str]:
@@ -351,11 +371,50 @@ class PaDiM(Detector):
         return moments
 
     def fit_moments(self, moments: Moments | None) -> None:
-        """Set ``mean_`` and ``inv_cov_`` from the training sums (their buffer is reused)."""
+        """Set ``mean_`` and ``inv_cov_`` (and, when ``updatable``, ``cov_`` and ``count_``)
+        from the training sums (the inverse reuses their buffer when it is float32)."""
         if moments is None or moments.count < 2:
             raise PatchadError("PaDiM needs at least 2 readable training images")
         self._choose_channels()
-        self.mean_, self.inv_cov_ = fit_gaussians(moments, self.epsilon, out=moments.sum_outer)
+        for name in ("cov_", "count_"):
+            self.__dict__.pop(name, None)
+        cov = torch.empty_like(moments.sum_outer, dtype=torch.float32) if self.updatable else None
+        out = moments.sum_outer if moments.sum_outer.dtype == torch.float32 else None
+        self.mean_, self.inv_cov_ = fit_gaussians(moments, self.epsilon, out=out, cov_out=cov)
+        if cov is not None:
+            self.cov_, self.count_ = cov, moments.count
+
+    def _update_shape_problem(self, resized: Size) -> str | None:
+        shape = getattr(self, "input_shape_", None)
+        if shape is None or tuple(resized) == tuple(shape):
+            return None
+        return (
+            f"PaDiM's Gaussians belong to its {shape[0]}x{shape[1]} training input, and this "
+            f"image's input is {resized[0]}x{resized[1]}: update with images of the training "
+            "geometry"
+        )
+
+    def _check_updatable(self) -> None:
+        if not hasattr(self, "cov_") or not hasattr(self, "count_"):
+            raise PatchadError(
+                "this PaDiM model keeps no covariances (fitted with updatable=False, or saved "
+                "before patchad could update), so it cannot be updated exactly; refit it on the "
+                "old and new good images together with patchad fit"
+            )
+
+    def _update(
+        self, batches: Iterator[list[Tensor]], num_images: int, max_added: int | None
+    ) -> dict[str, Any]:
+        """Merge the new images' sums with the sums the stored mean and covariance stand for
+        (:func:`~patchad.ops.gaussian.moments_from_gaussians`): the Gaussians a fit on the old
+        and new images together gives."""
+        before = self.count_
+        new = self.moments(batches)
+        if new is None:
+            raise PatchadError("no readable image to update with")
+        old = moments_from_gaussians(self.mean_, self.cov_, before, self.epsilon)
+        self.fit_moments(merge_moments(old, new))
+        return {"images_before": before, "images_after": self.count_}
 
     def _fit(self, batches: Iterator[list[Tensor]], num_images: int, progress: bool) -> None:
         for name in ("input_shape_", "tile_boxes_"):

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from patchad.detectors.base import Detector
-from patchad.errors import ConfigError
+from patchad.errors import ConfigError, PatchadError
 from patchad.ops.coreset import (
     auto_shard_rows,
-    greedy_coreset,
+    bank_radius,
+    extend_cover,
+    greedy_cover,
     greedy_seconds,
     random_projection,
-    sharded_greedy_coreset,
+    sharded_greedy_cover,
     sharded_seconds,
 )
 from patchad.ops.knn import BACKENDS, SearchIndex
@@ -27,6 +29,10 @@ if TYPE_CHECKING:
     pass
 
 MB = 1024 * 1024
+#: Relative slack on the covering radius when :meth:`PatchCore.update` asks whether a new patch
+#: is covered: the fit's greedy and the update's search compute the same distance through
+#: different float32 sums (``|x|^2 - 2 x.c + |c|^2``), which differ in the last bits.
+COVER_RTOL = 1e-4
 #: ``feature_storage="auto"`` spills full features to disk above this size (or above a quarter of
 #: ``max_memory``), so the fit stays memory-bounded on big training sets.
 AUTO_DISK_BYTES = 2048 * MB
@@ -101,6 +107,8 @@ class PatchCore(Detector):
     method = "patchcore"
     default_strides = (8, 16)
     learned_tensors = ("memory_bank_",)
+    #: ``coreset_radius_``: the covering radius the fit's coreset reached, in the space it
+    #: selected in (projected by psi, or the features when not projected); 0 without a coreset.
 
     def __init__(
         self,
@@ -337,11 +345,24 @@ class PatchCore(Detector):
             embedding = reduce_channels(embedding, self.embed_dim)
         return embedding
 
-    def _fit(self, batches: Iterator[list[Tensor]], num_images: int, progress: bool) -> None:
+    def _projection(self, dim: int) -> tuple[torch.Generator, Tensor | None]:
+        """The seeded generator and psi of Alg. 1 for ``dim``-channel features (None when the
+        coreset runs on the features themselves): the same at fit, on shards and on update."""
         generator = torch.Generator().manual_seed(self.seed)
+        if self.projection_dim < dim and self.coreset_ratio < 1:
+            return generator, random_projection(dim, self.projection_dim, generator=generator)
+        return generator, None
+
+    def _store(
+        self, batches: Iterator[list[Tensor]], total: int | None, num_images: int
+    ) -> tuple[RowStore, Tensor | None, Tensor | None, torch.Generator]:
+        """Embed feature batches as they arrive into a row store (in RAM or on disk) and their
+        projections; room for ``total`` rows (None: ``num_images`` times the first batch's
+        patches per image). Returns the store, the projections (or None), psi and the
+        generator. The caller closes the store."""
         store: RowStore | None = None
         projected = matrix = None
-        total = n = 0
+        generator = torch.Generator().manual_seed(self.seed)
         try:
             for features in batches:  # each batch is reduced as it arrives
                 e = self.embed(features)
@@ -349,33 +370,41 @@ class PatchCore(Detector):
                 if store is None:  # sizes from the first batch
                     dim = rows.shape[1]
                     # room for every image; fewer arrive when unreadable ones are skipped
-                    planned = getattr(self, "_fit_views", None)
-                    total = (
-                        self.view_patches(planned)
-                        if planned is not None
-                        else num_images * e.shape[2] * e.shape[3]
-                    )
-                    project = self.projection_dim < dim and self.coreset_ratio < 1
-                    if project:  # psi in Alg. 1
-                        matrix = random_projection(dim, self.projection_dim, generator=generator)
-                        projected = torch.empty(total, self.projection_dim)
+                    room = total if total is not None else num_images * e.shape[2] * e.shape[3]
+                    generator, matrix = self._projection(dim)
+                    if matrix is not None:
+                        projected = torch.empty(room, self.projection_dim)
                     item = 2 if self.feature_dtype == "float16" else 4
-                    on_disk = project and self._on_disk(total * dim * item)
-                    store = RowStore(total, dim, dtype=self.feature_dtype, on_disk=on_disk)
+                    on_disk = matrix is not None and self._on_disk(room * dim * item)
+                    store = RowStore(room, dim, dtype=self.feature_dtype, on_disk=on_disk)
                 if projected is not None:
                     projected[store.filled : store.filled + len(rows)] = rows @ matrix
                 store.append(rows)
-            if store is None:
-                raise RuntimeError("no training features")
+        except BaseException:
+            if store is not None:
+                store.close()
+            raise
+        if store is None:
+            raise PatchadError("no readable training image")
+        if projected is not None:
+            projected = projected[: store.filled]
+        return store, projected, matrix, generator
+
+    def _fit(self, batches: Iterator[list[Tensor]], num_images: int, progress: bool) -> None:
+        planned = getattr(self, "_fit_views", None)
+        total = self.view_patches(planned) if planned is not None else None
+        store, projected, _, generator = self._store(batches, total, num_images)
+        try:
             total = store.filled
             n = max(1, round(self.coreset_ratio * total))
             if n >= total:
                 self.memory_bank_ = store.all().float().contiguous()
+                self.coreset_radius_ = 0.0
                 return
-            points = projected[:total] if projected is not None else store.all().float()
+            points = projected if projected is not None else store.all().float()
             rows = self.shard_rows(total, n)
             if rows is not None:
-                index = sharded_greedy_coreset(
+                cover = sharded_greedy_cover(
                     points,
                     n,
                     shard_rows=rows,
@@ -383,12 +412,58 @@ class PatchCore(Detector):
                     progress=progress,
                 )
             else:
-                index = greedy_coreset(points, n, generator=generator, progress=progress)
+                cover = greedy_cover(points, n, generator=generator, progress=progress)
             del points, projected
-            self.memory_bank_ = store.gather(index).contiguous()  # M_C
+            self.memory_bank_ = store.gather(cover.index).contiguous()  # M_C
+            self.coreset_radius_ = cover.radius
         finally:
-            if store is not None:
-                store.close()
+            store.close()
+
+    def _state(self) -> dict[str, Any]:
+        radius = getattr(self, "coreset_radius_", None)
+        return {} if radius is None else {"coreset_radius": radius}
+
+    def _set_state(self, state: dict[str, Any]) -> None:
+        if "coreset_radius" in state:  # absent from files made before updates
+            self.coreset_radius_ = float(state["coreset_radius"])
+
+    def _update(
+        self, batches: Iterator[list[Tensor]], num_images: int, max_added: int | None
+    ) -> dict[str, Any]:
+        """Continue the greedy coreset over the new patches
+        (:func:`~patchad.ops.coreset.extend_cover`): add the farthest new patch while it lies
+        beyond the fit's covering radius, so the bank grows only by what is new; then the
+        search index is rebuilt for the new bank."""
+        store, projected, matrix, _ = self._store(batches, None, num_images)
+        try:
+            bank = self.memory_bank_
+            centres = bank @ matrix if matrix is not None else bank
+            points = projected if projected is not None else store.all().float()
+            radius = getattr(self, "coreset_radius_", None)
+            source = "recorded"
+            if radius is None:  # a model file from before updates: estimate from the bank
+                radius = bank_radius(centres) if len(centres) > 1 else 0.0
+                source = "estimated from the bank"
+            cover = extend_cover(points, centres, radius * (1 + COVER_RTOL), max_new=max_added)
+            added = cover.index
+            new_patches = store.filled
+            if len(added):
+                self.memory_bank_ = torch.cat([bank, store.gather(added)]).contiguous()
+            # every training patch within the radius: a capped update may leave new patches
+            # farther out, and the radius grows to the farthest
+            capped = max_added is not None and len(added) == max_added
+            self.coreset_radius_ = max(radius, cover.radius) if capped else radius
+        finally:
+            store.close()
+        self.__dict__.pop("_index", None)  # the search index belongs to the old bank
+        return {
+            "new_patches": new_patches,
+            "patches_added": len(added),
+            "bank_before": len(bank),
+            "bank_after": len(self.memory_bank_),
+            "radius": round(radius, 6),
+            "radius_from": source,
+        }
 
     def _score(self, features: list[Tensor]) -> tuple[Tensor, Tensor | None]:
         e = self.embed(features)

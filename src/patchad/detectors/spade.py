@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -157,6 +158,42 @@ class SPADE(Detector):
         self.pooled_ = pooled
         for name, gallery in zip(self.learned_tensors[1:], galleries, strict=True):
             setattr(self, name, gallery)
+
+    def _update_shape_problem(self, resized: tuple[int, int]) -> str | None:
+        if not self.needs_sizes:  # one input shape for every image
+            return None
+        want = tuple(getattr(self, self.learned_tensors[1]).shape[1:3])
+        for _, _, h, w in self.boxes(*resized):
+            if self.view_patches([(h, w)]) != want[0] * want[1]:
+                return (
+                    f"SPADE's gallery holds training inputs of one shape ({want[0]}x{want[1]} "
+                    f"patches), and this image gives a {h}x{w} input: update with images of the "
+                    "training geometry"
+                )
+        return None
+
+    def _update(
+        self, batches: Iterator[list[Tensor]], num_images: int, max_added: int | None
+    ) -> dict[str, Any]:
+        """Append the new images to the gallery and the pooled features, in order: the gallery
+        a fit on the old images followed by the new ones holds."""
+        galleries, pooled = self._galleries(), [self.pooled_]
+        before = self.pooled_.shape[0]
+        parts: list[list[Tensor]] = [[g] for g in galleries]
+        for features in batches:
+            for part, gallery, f in zip(parts, galleries, features, strict=True):
+                if tuple(f.shape[2:]) != tuple(gallery.shape[1:3]):
+                    raise PatchadError(
+                        f"SPADE's gallery holds {gallery.shape[1]}x{gallery.shape[2]} feature "
+                        f"maps; the new images give {f.shape[2]}x{f.shape[3]}: use images of "
+                        "the training geometry"
+                    )
+                part.append(f.permute(0, 2, 3, 1))
+            pooled.append(features[-1].mean((2, 3)))  # global average pooling
+        self.pooled_ = torch.cat(pooled)
+        for name, part in zip(self.learned_tensors[1:], parts, strict=True):
+            setattr(self, name, torch.cat(part))
+        return {"gallery_before": before, "gallery_after": int(self.pooled_.shape[0])}
 
     def image_neighbours(self, features: list[Tensor]) -> tuple[Tensor, Tensor]:
         """Distances and indices of the K nearest training images (Sec. 3.1).

@@ -10,9 +10,23 @@ where psi is a random linear projection that makes the distances cheap (Johnson-
 from __future__ import annotations
 
 import itertools
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+
+class Cover(NamedTuple):
+    """A coreset and how well it covers the points it was selected from.
+
+    Attributes:
+        index: selected indices in selection order, shape (n,).
+        radius: the covering radius, max over all points of the distance to the nearest
+            selected point (in the space the selection ran in): every point lies within it.
+    """
+
+    index: Tensor
+    radius: float
 
 
 def random_projection(dim_in: int, dim_out: int, *, generator: torch.Generator) -> Tensor:
@@ -104,6 +118,18 @@ def greedy_coreset(
     leaf_size: int = 256,
     progress: bool = False,
 ) -> Tensor:
+    """The indices of :func:`greedy_cover`'s selection, shape (n,)."""
+    return greedy_cover(x, n, generator=generator, leaf_size=leaf_size, progress=progress).index
+
+
+def greedy_cover(
+    x: Tensor,
+    n: int,
+    *,
+    generator: torch.Generator,
+    leaf_size: int = 256,
+    progress: bool = False,
+) -> Cover:
     """Greedy k-center selection, exact, accelerated with the triangle inequality.
 
     The points are grouped into compact blocks (:func:`_ball_blocks`); each block keeps a centre
@@ -124,7 +150,8 @@ def greedy_coreset(
         progress: show a progress bar.
 
     Returns:
-        Selected indices into ``x`` in selection order, shape (n,).
+        Selected indices into ``x`` in selection order, shape (n,), and the covering radius
+        (the largest distance of any point to the selection, which the pruning keeps anyway).
     """
     num = x.shape[0]
     if not 1 <= n <= num:
@@ -179,7 +206,7 @@ def greedy_coreset(
             bar.update(1000)
     if bar is not None:
         bar.close()
-    return chosen
+    return Cover(chosen, float(block_max.max().clamp_min(0).sqrt()))  # padding repeats points
 
 
 #: Read rates of one greedy step (addmv + minimum + argmax over every point), measured on the
@@ -262,6 +289,20 @@ def sharded_greedy_coreset(
     generator: torch.Generator,
     progress: bool = False,
 ) -> Tensor:
+    """The indices of :func:`sharded_greedy_cover`'s selection, shape (n,)."""
+    return sharded_greedy_cover(
+        x, n, shard_rows=shard_rows, generator=generator, progress=progress
+    ).index
+
+
+def sharded_greedy_cover(
+    x: Tensor,
+    n: int,
+    *,
+    shard_rows: int,
+    generator: torch.Generator,
+    progress: bool = False,
+) -> Cover:
     """Approximate greedy k-center for very large N: split the points at random into
     ``m = ceil(N / shard_rows)`` shards and run :func:`greedy_coreset` in each.
 
@@ -280,7 +321,8 @@ def sharded_greedy_coreset(
         progress: show progress bars.
 
     Returns:
-        Selected indices into ``x``, shard by shard, shape (n,).
+        Selected indices into ``x``, shard by shard, shape (n,), and the covering radius: the
+        largest of the shards' radii (each shard's points are covered by its own centres).
     """
     num = x.shape[0]
     if not 1 <= n <= num:
@@ -289,12 +331,91 @@ def sharded_greedy_coreset(
         raise ValueError(f"shard_rows must be >= 1, got {shard_rows}")
     shards = -(-num // shard_rows)
     if shards == 1:
-        return greedy_coreset(x, n, generator=generator, progress=progress)
+        return greedy_cover(x, n, generator=generator, progress=progress)
     parts = torch.randperm(num, generator=generator).tensor_split(shards)
     take = shard_quota([len(p) for p in parts], n)
-    chosen = []
+    chosen, radius = [], 0.0
     for part, k in zip(parts, take, strict=True):
         if k > 0:
-            local = greedy_coreset(x[part], k, generator=generator, progress=progress)
-            chosen.append(part[local])
-    return torch.cat(chosen)
+            local = greedy_cover(x[part], k, generator=generator, progress=progress)
+            chosen.append(part[local.index])
+            radius = max(radius, local.radius)
+    return Cover(torch.cat(chosen), radius)
+
+
+def nearest_distances(x: Tensor, centres: Tensor, *, chunk: int = 4096) -> Tensor:
+    """Distance of every point to its nearest centre, exact, a chunk of points at a time.
+
+    Args:
+        x: points, shape (N, D).
+        centres: shape (n, D), n >= 1.
+        chunk: points per distance block (memory ``chunk x n``).
+
+    Returns:
+        Euclidean distances, shape (N,).
+    """
+    c_sq = (centres * centres).sum(1)
+    out = torch.empty(x.shape[0], dtype=x.dtype)
+    for start in range(0, x.shape[0], chunk):
+        part = x[start : start + chunk]
+        d2 = torch.addmm(c_sq, part, centres.T, alpha=-2).add_((part * part).sum(1, keepdim=True))
+        out[start : start + chunk] = d2.amin(1).clamp_min_(0).sqrt_()
+    return out
+
+
+def extend_cover(x: Tensor, centres: Tensor, radius: float, *, max_new: int | None = None) -> Cover:
+    """Continue the greedy k-center selection from existing ``centres`` over new points.
+
+    Alg. 1's rule, ``m = argmax_{m in X} min_{c in C} ||m - c||``, run over the new points X
+    only: the farthest new point joins C while its distance to C exceeds ``radius`` (the radius
+    the original selection reached), so that afterwards every new point lies within ``radius``
+    of C, as every old point already did. New points that are already covered add nothing.
+
+    Args:
+        x: new points, shape (N, D), in the space of ``centres``.
+        centres: the existing selection, shape (n, D), n >= 1.
+        radius: stop once every new point is within this distance of a centre.
+        max_new: most points to add (None: no cap; with a cap the radius reached is larger).
+
+    Returns:
+        Indices into ``x`` of the added points, in selection order, shape (k,), and the largest
+        distance of a new point to the centres and added points afterwards (at most ``radius``
+        unless ``max_new`` stopped the additions).
+    """
+    if not x.shape[0]:
+        return Cover(torch.empty(0, dtype=torch.long), 0.0)
+    dist = nearest_distances(x, centres)
+    sq = (x * x).sum(1)
+    chosen: list[int] = []
+    limit = x.shape[0] if max_new is None else min(max_new, x.shape[0])
+    while len(chosen) < limit:
+        i = int(torch.argmax(dist))
+        if not float(dist[i]) > radius:
+            break
+        chosen.append(i)
+        new = torch.addmv(sq, x, x[i], alpha=-2).add_(sq[i]).clamp_min_(0).sqrt_()
+        torch.minimum(dist, new, out=dist)
+    return Cover(torch.tensor(chosen, dtype=torch.long), float(dist.max()))
+
+
+def bank_radius(centres: Tensor, *, chunk: int = 4096) -> float:
+    """An estimate of a greedy selection's covering radius from its centres alone: the
+    smallest distance between two centres.
+
+    The exact greedy picks each centre at a distance from the earlier ones that never grows, so
+    the smallest pairwise distance is the distance at which the last centre was picked: the
+    radius one step before the end, an upper bound of the final radius. Centres of a sharded
+    selection from different shards can be closer, which lowers the estimate (an update then
+    adds a little more).
+
+    Args:
+        centres: shape (n, D), n >= 2.
+        chunk: centres per distance block.
+    """
+    best = float("inf")
+    for start in range(0, centres.shape[0], chunk):
+        block = torch.cdist(centres[start : start + chunk], centres)
+        rows = torch.arange(block.shape[0])
+        block[rows, rows + start] = float("inf")
+        best = min(best, float(block.min()))
+    return best

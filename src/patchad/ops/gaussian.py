@@ -148,7 +148,7 @@ def inverse_covariance(cov: Tensor) -> Tensor:
 
 
 def fit_gaussians(
-    moments: Moments, epsilon: float, *, out: Tensor | None = None
+    moments: Moments, epsilon: float, *, out: Tensor | None = None, cov_out: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """mu and Sigma^-1 at every position, inverted once, :data:`POSITION_CHUNK` at a time.
 
@@ -158,6 +158,8 @@ def fit_gaussians(
         out: float32 tensor of shape (P, d, d) to write Sigma^-1 into; it may be
             ``moments.sum_outer`` itself when that is float32 (each chunk is read before it is
             overwritten), so that the fit never holds two (P, d, d) tensors.
+        cov_out: float32 tensor of shape (P, d, d) to write Sigma (with eps I) into as well,
+            the statistic an exact update starts from (:func:`moments_from_gaussians`).
 
     Returns:
         mu, shape (P, d), and Sigma^-1, shape (P, d, d), both float32.
@@ -169,8 +171,30 @@ def fit_gaussians(
         part = slice(start, min(p, start + POSITION_CHUNK))
         mu, cov = mean_covariance(moments, epsilon, part)
         mean[part] = mu.float()
+        if cov_out is not None:
+            cov_out[part] = cov.float()
         inv[part] = inverse_covariance(cov).float()
     return mean, inv
+
+
+def moments_from_gaussians(mean: Tensor, cov: Tensor, count: int, epsilon: float) -> Moments:
+    """The sums :func:`accumulate` would hold for ``count`` embeddings with this mean and
+    covariance (Eq. 1 inverted), float64, shifted by the mean itself:
+
+        K = mu,   sum (x - K) = 0,   sum (x - K)(x - K)^T = (N - 1)(Sigma - eps I)
+
+    so that :func:`merge_moments` with new embeddings' sums gives what one fit on all of them
+    gives (up to the rounding of the stored float32 Sigma).
+
+    Args:
+        mean: mu, shape (P, d).
+        cov: Sigma with eps I, shape (P, d, d), as :func:`fit_gaussians` writes to ``cov_out``.
+        count: N >= 2.
+        epsilon: the eps that ``cov`` includes.
+    """
+    outer = cov.double() * (count - 1)
+    outer.diagonal(dim1=1, dim2=2).sub_(epsilon * (count - 1))
+    return Moments(count, mean.double(), torch.zeros_like(mean, dtype=torch.float64), outer)
 
 
 def mahalanobis(x: Tensor, mean: Tensor, inv_cov: Tensor) -> Tensor:
