@@ -14,6 +14,7 @@ from prometheus_client.registry import Collector
 #: gauge name -> (help, key in DriftWindow.snapshot())
 DRIFT_GAUGES = {
     "patchad_window_answers": ("answers in the model's drift window", "answers"),
+    "patchad_window_good": ("answers in the window judged good (the drift test's sample)", "good"),
     "patchad_window_anomaly_rate": (
         "share of the window's answers judged anomalous",
         "anomaly_rate",
