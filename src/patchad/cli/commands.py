@@ -535,7 +535,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         app = create_app(load, model_file=str(model_path), **common)
         target = str(model_path)
+    import logging
+
     level = "warning" if args.quiet else "info"
+    logging.basicConfig(  # model loads, swaps and scan errors (patchad.serve)
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(levelname)s:     %(name)s: %(message)s",
+    )
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=level))
     _say(args, f"serving {target} on http://{args.host}:{args.port}/ (API docs at /docs)")
     server.run()
