@@ -137,6 +137,50 @@ def test_repository_lists_models_and_loads_them_lazily(
         assert threshold["calibration_images"] == 4
 
 
+def test_requests_arriving_during_a_lazy_load_wait_for_it(
+    line: dict[str, Any], models_dir: Path
+) -> None:
+    from patchad.models import load_model
+    from patchad.serve.repository import Repository
+
+    started, go, calls = threading.Event(), threading.Event(), []
+
+    def slow(path: Path) -> Any:
+        calls.append(path.name)
+        started.set()
+        go.wait(60)
+        return load_model(path)
+
+    repo = Repository(lambda m, f: _batcher(m), directory=models_dir, load_file=slow)
+    got: dict[str, Any] = {}
+
+    def ask(key: str) -> None:
+        try:
+            got[key] = repo.acquire("a")
+        except PatchadError as exc:
+            got[key] = exc
+
+    first = threading.Thread(target=ask, args=("first",))
+    first.start()
+    assert started.wait(60)
+    second = threading.Thread(target=ask, args=("second",))  # arrives while "a" loads
+    second.start()
+    go.set()
+    first.join(60)
+    second.join(60)
+    try:
+        assert got["first"] is got["second"], got  # the same version, loaded once
+        assert calls == ["a.safetensors"]
+    finally:
+        repo.close()
+
+
+def _batcher(model: Any) -> Any:
+    from patchad.serve.batching import Batcher
+
+    return Batcher(model.predict, batch_size=1)
+
+
 def test_least_recently_used_model_is_unloaded(line: dict[str, Any], models_dir: Path) -> None:
     images = line["images"][:1]
     with TestClient(create_app(models_dir=str(models_dir), max_loaded=1, watch_interval=0)) as c:

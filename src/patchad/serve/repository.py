@@ -212,9 +212,9 @@ class Repository:
                     version.users += 1
                     entry.last_used = time.monotonic()
                     return version
-            if entry.loading or not lazy or entry.failed is not None:
+            if not lazy or entry.failed is not None:
                 raise Unavailable(f"model {name!r}: " + (entry.error or "loading"))
-            with entry.load_lock:
+            with entry.load_lock:  # waits for a load in progress
                 if entry.version is None and entry.failed is None:
                     self._try_load(entry)
 
