@@ -1,10 +1,14 @@
-"""The HTTP service: a FastAPI app around one loaded model.
+"""The HTTP service: a FastAPI app around one model (``--model``) or a folder of models
+(``--models``), held by a :class:`~patchad.serve.repository.Repository`.
 
 Endpoints: ``POST /predict`` (multipart images -> one ``results.jsonl`` record each, optionally
 with the overlay PNG and the float32 map), ``GET /health``, ``GET /model``,
-``GET /thresholds?fpr=``, ``GET /metrics`` (Prometheus), and the operator's page at ``/``.
-Scoring runs in the :class:`~patchad.serve.batching.Batcher`'s one worker thread, never on
-the event loop; decoding, overlays and encoding run in the default thread pool.
+``GET /thresholds?fpr=``, ``POST /feedback``, and per model ``GET /models``,
+``GET /models/{name}``, ``POST /models/{name}/predict``, ``GET /models/{name}/thresholds``,
+``POST /models/{name}/reload``, ``POST /models/{name}/feedback``; ``GET /metrics``
+(Prometheus) and the operator's page at ``/``. Scoring runs in each model version's
+:class:`~patchad.serve.batching.Batcher` worker thread, never on the event loop; decoding,
+overlays, encoding and model loads run in the default thread pool.
 """
 
 from __future__ import annotations
