@@ -14,12 +14,23 @@ Phases (bounded in count and time; the server is a real ``patchad serve`` subpro
    Retry-After, the 200s still correct, and the server still healthy afterwards;
 4. SIGTERM: 8 clients send 200 more images; after 40 answers the server gets SIGTERM; every
    request that got an answer got a correct 200, and the server exits after finishing them.
+
+With ``--swaps N`` it runs the line test instead (``patchad serve --models DIR``):
+
+    PYTHONPATH=src python3 benchmarks/bench_serve.py --swaps 10 --size 128 --out serve_swaps.txt
+
+two models (``a``: object, ``b``: texture) served from one folder, 8 clients send 400 images
+across both (one per request), while ``a.safetensors`` is replaced atomically N times,
+alternating between two versions of ``a`` (each replacement once the server reports the
+previous one). Every answer must be 200 and equal ``Detector.predict`` of the version whose
+SHA-256 the answer names (score within 1e-5, same decision); none lost or answered twice.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -224,6 +235,174 @@ def _sigterm(
     }
 
 
+def _file_sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _swap_run(args: argparse.Namespace) -> str:
+    """The line test: 2 models from one folder, 8 clients, 400 images, N atomic swaps of one."""
+    import httpx
+
+    from patchad import PatchCore
+    from patchad.demo import make_demo_dataset
+
+    work = Path(tempfile.mkdtemp(prefix="patchad-bench-swaps-"))
+    root = make_demo_dataset(
+        work / "demo", n_train=30, n_test_good=60, n_test_defect=40, size=args.size
+    )
+    folder, versions = work / "models", work / "versions"
+    folder.mkdir()
+    versions.mkdir()
+    dets: dict[str, Any] = {}
+    for key, category, coreset in (
+        ("a0", "object", 0.1),
+        ("a1", "object", 0.2),
+        ("b", "texture", 0.1),
+    ):
+        det = PatchCore(
+            backbone="tf_efficientnet_lite0",
+            image_size=args.size,
+            coreset_ratio=coreset,
+            batch_size=8,
+            calibration_split=0.25,
+        )
+        det.fit(root / category / "train" / "good")
+        det.save(versions / f"{key}.safetensors")
+        dets[key] = det
+    rng = np.random.default_rng(0)
+    images = {
+        m: sorted((root / c / "test").glob("*/*.png"))
+        for m, c in (("a", "object"), ("b", "texture"))
+    }
+    jobs = [(m, images[m][i % len(images[m])]) for m in ("a", "b") for i in range(N_IMAGES // 2)]
+    jobs = [jobs[i] for i in rng.permutation(len(jobs))]
+    # what `patchad predict` answers with each version, by the version's SHA-256
+    refs: dict[tuple[str, Path], dict[str, Any]] = {}
+    shas = {key: _file_sha(versions / f"{key}.safetensors") for key in dets}
+    for key, det in dets.items():
+        paths = images["b" if key == "b" else "a"]
+        for path, record in zip(paths, det.predict(paths).records(), strict=True):
+            refs[(shas[key], path)] = record
+    allowed = {"a": {shas["a0"], shas["a1"]}, "b": {shas["b"]}}
+    shutil.copy(versions / "a0.safetensors", folder / "a.safetensors")
+    shutil.copy(versions / "b.safetensors", folder / "b.safetensors")
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    command = [sys.executable, "-m", "patchad.cli", "serve", "--models", str(folder)]
+    command += ["--port", str(port), "--watch-interval", str(args.watch_interval)]
+    log = work / "server.log"
+    server = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=log.open("w"), env=env, cwd=work
+    )
+    answers: dict[int, list[tuple[int, Any]]] = {i: [] for i in range(len(jobs))}
+    errors: list[str] = []
+    swap_times: list[float] = []
+    lock = threading.Lock()
+    next_job = iter(range(len(jobs)))
+    done = [0]
+    try:
+        _wait_ready(url, server)
+
+        def client() -> None:
+            with httpx.Client(timeout=300) as c:
+                while True:
+                    with lock:
+                        index = next(next_job, None)
+                    if index is None:
+                        return
+                    name, path = jobs[index]
+                    files = [("files", (path.name, path.read_bytes(), "image/png"))]
+                    try:
+                        response = c.post(f"{url}/models/{name}/predict", files=files)
+                    except httpx.HTTPError as exc:
+                        with lock:
+                            errors.append(type(exc).__name__)
+                        continue
+                    body = response.json() if response.status_code == 200 else response.text
+                    with lock:
+                        answers[index].append((response.status_code, body))
+                        done[0] += 1
+
+        def swapper() -> None:
+            """Replace a.safetensors N times, spread over the run by answers received; each
+            once the server reports the previous version."""
+            with httpx.Client(timeout=60) as c:
+                for k in range(1, args.swaps + 1):
+                    while done[0] < k * len(jobs) // (args.swaps + 2):
+                        time.sleep(0.05)
+                    key = "a1" if k % 2 else "a0"
+                    start = time.perf_counter()
+                    tmp = folder / ".a.safetensors.new"
+                    shutil.copy(versions / f"{key}.safetensors", tmp)
+                    os.replace(tmp, folder / "a.safetensors")
+                    deadline = time.monotonic() + 300
+                    while c.get(f"{url}/models/a").json()["sha256"] != shas[key]:
+                        if time.monotonic() > deadline:
+                            raise RuntimeError("the server did not pick up a swap in 300 s")
+                        time.sleep(0.05)
+                    swap_times.append(time.perf_counter() - start)
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(CLIENTS + 1) as pool:
+            futures = [pool.submit(client) for _ in range(CLIENTS)] + [pool.submit(swapper)]
+            for future in futures:
+                future.result()
+        wall = time.perf_counter() - start
+        described = httpx.get(f"{url}/models/a", timeout=30).json()
+    finally:
+        server.terminate()
+        server.wait(60)
+    wrong, by_sha = 0, {}
+    for i, got in answers.items():
+        name, path = jobs[i]
+        for status, body in got:
+            if status != 200:
+                continue
+            result = body["results"][0]
+            sha = result["model_sha256"]
+            by_sha[sha] = by_sha.get(sha, 0) + 1
+            ref = refs.get((sha, path))
+            if (
+                sha not in allowed[name]
+                or ref is None
+                or abs(result["score"] - ref["score"]) > 1e-5
+                or result["decision"] != ref["decision"]
+            ):
+                wrong += 1
+    non_200 = sum(1 for got in answers.values() for s, _ in got if s != 200)
+    refused = sorted({f"{s} {b}"[:200] for got in answers.values() for s, b in got if s != 200})
+    label = {shas["a0"]: "a v0", shas["a1"]: "a v1", shas["b"]: "b"}
+    counts = ", ".join(
+        f"{label.get(sha, sha[:12])} {n}"
+        for sha, n in sorted(by_sha.items(), key=lambda x: label.get(x[0], ""))
+    )
+    swapped = sum(1 for line in log.read_text().splitlines() if "swapped, sha256" in line)
+    return (
+        f"# models: PatchCore, tf_efficientnet_lite0, {args.size} px, batch_size 8, 30 training "
+        f"images each; a = object (v0 coreset 0.1, v1 coreset 0.2), b = texture (coreset 0.1)\n"
+        f"# server: patchad serve --models DIR --watch-interval {args.watch_interval} (other "
+        f"options default)\n\n"
+        f"line: {CLIENTS} clients, {len(jobs)} requests of one image "
+        f"(a {sum(m == 'a' for m, _ in jobs)}, b {sum(m == 'b' for m, _ in jobs)}), "
+        f"a.safetensors replaced atomically {args.swaps} times "
+        f"during the run (v0 -> v1 -> v0 ...)\n"
+        f"  errors {len(errors) + non_200}, lost {sum(1 for g in answers.values() if not g)}, "
+        f"duplicated {sum(1 for g in answers.values() if len(g) > 1)}, answers differing from "
+        f"predict with the version named by their model_sha256 (score > 1e-5 or decision) {wrong}\n"
+        f"  answers by version: {counts}\n"
+        + (f"  non-200 answers: {refused[:5]}\n" if refused else "")
+        + f"  client errors: {sorted(set(errors))}\n"
+        f"  swaps logged by the server {swapped}, "
+        f"listed by GET /models/a {len(described['swaps'])}; "
+        f"replace-to-serving s: median {np.median(swap_times):.2f}, max {max(swap_times):.2f}\n"
+        f"  wall {wall:.1f} s, {len(jobs) / wall:.1f} images/s\n"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="results file name under benchmarks/results")
@@ -233,8 +412,22 @@ def main() -> None:
         default=256,
         help="image and model input size (default 256, the library's default input size)",
     )
+    parser.add_argument(
+        "--swaps", type=int, default=0, help="run the line test with this many model swaps"
+    )
+    parser.add_argument(
+        "--watch-interval", type=float, default=0.5, help="with --swaps: the server's scan period"
+    )
     args = parser.parse_args()
     text = header()
+    if args.swaps:
+        uptime = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout
+        text += f"# uptime at start: {uptime.strip()}\n" + _swap_run(args)
+        uptime = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout
+        text += f"# uptime at end: {uptime.strip()}\n"
+        print(text)
+        write_results(args.out, text)
+        return
 
     import httpx  # noqa: F401  (fail early when the serve extras are missing)
 

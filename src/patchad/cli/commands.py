@@ -483,37 +483,76 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise PatchadError(f"--max-queue must be >= 1, got {args.max_queue}")
     if args.save_dir is not None:
         Path(args.save_dir).mkdir(parents=True, exist_ok=True)
+    for flag, value in (("--max-loaded", args.max_loaded), ("--max-loaded-mb", args.max_loaded_mb)):
+        if value is not None and value < 1:
+            raise PatchadError(f"{flag} must be >= 1, got {value}")
+    if args.watch_interval < 0:
+        raise PatchadError(f"--watch-interval must be >= 0, got {args.watch_interval}")
     try:
         import uvicorn
 
         from patchad.serve.app import create_app
+        from patchad.serve.drift import DriftSettings
         from patchad.serve.model import check_model_path, load_model
     except ImportError as exc:
         raise PatchadError(
             f"serve: {exc.name or exc} is not installed; pip install 'patchad[serve]'"
         ) from None
+    try:
+        drift = DriftSettings(
+            window=args.drift_window,
+            alpha=args.drift_alpha,
+            min_good=args.drift_min_good,
+            expected_defect_rate=args.expected_defect_rate,
+        )
+    except ValueError as exc:
+        raise PatchadError(str(exc)) from None
 
-    model_path = check_model_path(args.model)
+    def load_file(path: Path) -> Any:
+        return load_model(path, weights=args.weights)
 
-    def load() -> Any:
-        try:
-            return load_model(model_path, weights=args.weights)
-        except BaseException:
-            server.should_exit = True  # the error is reported once the server has stopped
-            raise
-
-    app = create_app(
-        load,
-        model_file=str(model_path),
+    common = dict(
         api_key=api_key,
         max_upload_mb=args.max_upload_mb,
         save_dir=args.save_dir,
         max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue,
+        load_file=load_file,
+        watch_interval=args.watch_interval,
+        feedback_dir=args.feedback_dir,
+        drift=drift,
     )
+    if args.models is not None:
+        if not Path(args.models).is_dir():
+            raise PatchadError(f"{args.models}: no such model folder")
+        app = create_app(
+            models_dir=args.models,
+            max_loaded=args.max_loaded,
+            max_loaded_mb=args.max_loaded_mb,
+            **common,
+        )
+        target = f"the models in {args.models}"
+    else:
+        model_path = check_model_path(args.model)
+
+        def load() -> Any:
+            try:
+                return load_model(model_path, weights=args.weights)
+            except BaseException:
+                server.should_exit = True  # the error is reported once the server has stopped
+                raise
+
+        app = create_app(load, model_file=str(model_path), **common)
+        target = str(model_path)
+    import logging
+
     level = "warning" if args.quiet else "info"
+    logging.basicConfig(  # model loads, swaps and scan errors (patchad.serve)
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(levelname)s:     %(name)s: %(message)s",
+    )
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=level))
-    _say(args, f"serving {model_path} on http://{args.host}:{args.port}/ (API docs at /docs)")
+    _say(args, f"serving {target} on http://{args.host}:{args.port}/ (API docs at /docs)")
     server.run()
     error = app.state.patchad.error
     if error is not None:

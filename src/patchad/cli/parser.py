@@ -294,7 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(func="report")
 
     serve = sub.add_parser("serve", help="an HTTP inspection service with a web page")
-    serve.add_argument("--model", required=True, help="model file (.safetensors or .onnx)")
+    served = serve.add_mutually_exclusive_group(required=True)
+    served.add_argument("--model", help="model file (.safetensors or .onnx)")
+    served.add_argument(
+        "--models", metavar="DIR", help="serve every model file in DIR, each under its file stem"
+    )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument(
@@ -321,5 +325,45 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long an image waits for others to fill a batch (default 5)",
     )
     serve.add_argument("--weights", help="backbone weights file, if not where it was at fit")
+    serve.add_argument(
+        "--max-loaded", type=int, metavar="N", help="with --models: most models loaded at once"
+    )
+    serve.add_argument(
+        "--max-loaded-mb",
+        type=float,
+        metavar="MIB",
+        help="with --models: most MiB of model files loaded at once",
+    )
+    serve.add_argument(
+        "--watch-interval",
+        type=float,
+        default=2.0,
+        metavar="S",
+        help="seconds between checks for changed model files (default 2; 0: never)",
+    )
+    serve.add_argument(
+        "--feedback-dir", metavar="DIR", help="store operators' verdicts (and images) in DIR"
+    )
+    serve.add_argument(
+        "--drift-window", type=int, default=200, help="answers in the drift window (default 200)"
+    )
+    serve.add_argument(
+        "--drift-alpha",
+        type=float,
+        default=0.001,
+        help="false-alarm rate of the drift alarm, per evaluation (default 0.001)",
+    )
+    serve.add_argument(
+        "--drift-min-good",
+        type=int,
+        default=30,
+        help="good-judged answers the drift test needs (default 30)",
+    )
+    serve.add_argument(
+        "--expected-defect-rate",
+        type=float,
+        metavar="RATE",
+        help="test the window's anomaly rate against this defect rate (default: no test)",
+    )
     serve.set_defaults(func="serve")
     return parser

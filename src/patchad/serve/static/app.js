@@ -1,11 +1,18 @@
 // The operator's page: upload images to POST /predict?overlay=png, show each result, and
 // re-decide them at another false-alarm rate with GET /thresholds (nothing is rescored).
+// Serving a folder of models, a chooser picks the model (routes under /models/NAME/). Each
+// result can be marked "false alarm" or "confirmed defect" (POST .../feedback), and the
+// model's rolling anomaly rate and drift alarm (GET /models/NAME) are shown.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const cards = []; // {element, score}
 let model = null;
 let threshold = null; // image threshold in use; null = model not calibrated
+let single = null; // the model's name when one model is served; null for a folder of models
+let current = null; // the chosen model's name
+
+const route = (path) => (single !== null ? path : `/models/${encodeURIComponent(current)}${path}`);
 
 function showError(message) {
   $("error").textContent = message;
@@ -40,8 +47,10 @@ function renderFacts(facts) {
 function decide(card) {
   const decision = card.element.querySelector(".decision");
   if (threshold === null) {
-    decision.textContent = "not calibrated";
-    decision.className = "decision";
+    // facts not read yet (a model loaded by this image): the server's decision
+    decision.textContent = card.decision ?? "not calibrated";
+    decision.className = `decision ${card.decision ?? ""}`;
+    card.element.dataset.decision = decision.textContent;
     return;
   }
   const anomalous = card.score > threshold;
@@ -51,8 +60,25 @@ function decide(card) {
   card.element.dataset.decision = decision.textContent;
 }
 
-function addCard(result) {
+async function sendFeedback(element, file, label) {
+  const state = element.querySelector(".feedback-state");
+  const form = new FormData();
+  form.append("files", file, file.name);
+  form.append("label", label);
+  form.append("note", element.querySelector(".note").value);
+  state.textContent = "storing…";
+  try {
+    const body = await getJSON(route("/feedback"), { method: "POST", body: form });
+    state.textContent = `stored (${label === "good" ? "false alarm" : "confirmed defect"}) as ${body.stored}`;
+  } catch (error) {
+    state.textContent = `not stored: ${error.message}`;
+  }
+}
+
+function addCard(result, file) {
   const element = $("card").content.firstElementChild.cloneNode(true);
+  element.querySelector(".false-alarm").addEventListener("click", () => sendFeedback(element, file, "good"));
+  element.querySelector(".confirmed").addEventListener("click", () => sendFeedback(element, file, "defect"));
   element.querySelector(".name").textContent = result.name;
   element.querySelector(".score").textContent = result.score.toPrecision(6);
   element.querySelector(".normalized").textContent = result.normalized === null ? "–" : result.normalized.toFixed(3);
@@ -72,7 +98,7 @@ function addCard(result) {
     }
   });
   img.src = `data:image/png;base64,${result.overlay_png}`;
-  const card = { element, score: result.score };
+  const card = { element, score: result.score, decision: result.decision };
   cards.push(card);
   decide(card);
   $("results").prepend(element);
@@ -84,18 +110,45 @@ async function upload(files) {
     const form = new FormData();
     form.append("files", file, file.name);
     try {
-      const body = await getJSON("/predict?overlay=png", { method: "POST", body: form });
-      body.results.forEach(addCard);
+      const body = await getJSON(route("/predict") + "?overlay=png", { method: "POST", body: form });
+      body.results.forEach((result) => addCard(result, file));
     } catch (error) {
       showError(`${file.name}: ${error.message}`);
     }
   }
+  await showLine();
+}
+
+async function showLine() {
+  // the rolling anomaly rate and the drift alarm of the chosen model
+  let described;
+  try {
+    described = await getJSON(`/models/${encodeURIComponent(current)}`);
+  } catch (error) {
+    return;
+  }
+  const drift = described.drift;
+  if (!drift || !drift.calibrated) {
+    $("line-box").hidden = true;
+    return;
+  }
+  $("line-box").hidden = false;
+  const pct = (x) => (x === null ? "–" : `${(100 * x).toFixed(1)} %`);
+  $("rate").textContent = `rolling anomaly rate ${pct(drift.anomaly_rate)} of the last ${drift.answers} answers (window ${drift.window}); calibrated false-alarm rate ${pct(drift.false_alarm_rate)}`;
+  let text = drift.ks_pvalue === null
+    ? `drift test waiting: ${drift.good} of ${drift.min_good} parts judged good`
+    : `drift: ${drift.drift ? "ALARM" : "none"} (KS p-value ${drift.ks_pvalue.toPrecision(2)}, alarm below ${drift.alpha})`;
+  if (drift.defect_rate_pvalue !== null) {
+    text += `; anomaly rate vs ${pct(drift.expected_defect_rate)} defects: ${drift.defect_rate_alarm ? "ALARM" : "ok"}`;
+  }
+  $("drift").textContent = text;
+  $("drift").classList.toggle("alarm", Boolean(drift.drift || drift.defect_rate_alarm));
 }
 
 async function setFpr(fpr) {
   $("fpr-value").textContent = fpr.toFixed(3);
   try {
-    const t = await getJSON(`/thresholds?fpr=${fpr}`);
+    const t = await getJSON(route(`/thresholds?fpr=${fpr}`));
     threshold = t.image_threshold;
     $("threshold").textContent = `image threshold ${threshold.toPrecision(6)}; expected false-alarm rate ${t.expected_false_alarm_rate.toFixed(3)} on ${t.calibration_images} calibration images. Boxes stay at the model's pixel threshold.`;
     cards.forEach(decide);
@@ -104,14 +157,31 @@ async function setFpr(fpr) {
   }
 }
 
-async function start() {
+async function chooseModel(clear = true) {
+  // show the chosen model's facts; clear = a new choice (its results are cleared)
+  if (clear) {
+    cards.length = 0;
+    $("results").replaceChildren();
+    $("fpr-box").hidden = true;
+    threshold = null;
+  }
   try {
-    model = await getJSON("/model");
+    if (single !== null) {
+      model = await getJSON("/model");
+    } else {
+      model = (await getJSON(`/models/${encodeURIComponent(current)}`)).facts;
+    }
   } catch (error) {
     $("status").textContent = `model not available: ${error.message}`;
     return;
   }
-  $("status").textContent = `${model.method} · ${model.backbone} · ${model.input_size} px`;
+  const name = single === null ? `${current} · ` : "";
+  if (model === null) {
+    $("status").textContent = `${name}loads with the first image`;
+    $("facts").replaceChildren();
+    return;
+  }
+  $("status").textContent = `${name}${model.method} · ${model.backbone} · ${model.input_size} px`;
   renderFacts(model);
   if (model.calibrated) {
     threshold = model.image_threshold;
@@ -119,7 +189,34 @@ async function start() {
     $("fpr").value = model.fpr;
     $("fpr-value").textContent = Number(model.fpr).toFixed(3);
     $("threshold").textContent = `image threshold ${threshold.toPrecision(6)} (the model's)`;
+    cards.forEach(decide);
   }
+  await showLine();
+}
+
+async function start() {
+  try {
+    const listed = await getJSON("/models");
+    single = listed.single;
+    current = single ?? (listed.models[0] || {}).name ?? null;
+    if (single === null) {
+      $("model-choice").replaceChildren(...listed.models.map((m) => {
+        const option = document.createElement("option");
+        option.value = m.name;
+        option.textContent = m.error ? `${m.name} (error)` : m.name;
+        return option;
+      }));
+      $("model-box").hidden = false;
+      $("model-choice").addEventListener("change", () => {
+        current = $("model-choice").value;
+        chooseModel();
+      });
+    }
+  } catch (error) {
+    $("status").textContent = `model not available: ${error.message}`;
+    return;
+  }
+  await chooseModel();
   let timer = null;
   $("fpr").addEventListener("input", () => {
     clearTimeout(timer);
@@ -129,7 +226,10 @@ async function start() {
     $("fpr").value = model.fpr;
     setFpr(Number(model.fpr));
   });
-  $("files").addEventListener("change", (event) => upload([...event.target.files]));
+  $("files").addEventListener("change", async (event) => {
+    await upload([...event.target.files]);
+    if (model === null) await chooseModel(false);
+  });
   const drop = $("drop");
   drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });
   drop.addEventListener("dragleave", () => drop.classList.remove("over"));
@@ -138,6 +238,7 @@ async function start() {
     drop.classList.remove("over");
     upload([...event.dataTransfer.files]);
   });
+  setInterval(showLine, 5000);
 }
 
 start();
