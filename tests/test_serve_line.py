@@ -617,3 +617,70 @@ def test_line_page_in_a_real_browser(
     assert records[0].model_sha256 == line["b"][2]
     assert records[0].name == "part1.png"  # the newest card is first
     assert records[0].image.read_bytes() == (upload / "part1.png").read_bytes()
+
+
+# -------------------------------------------------------------------- feedback -> update
+def test_feedback_update_and_swap_clear_the_false_alarm(demo_root: Path, tmp_path: Path) -> None:
+    """Operators mark new-look good parts as false alarms on the server; ``patchad update
+    --feedback`` learns them and checks the confirmed defects; the file is replaced atomically,
+    the server swaps, and the next answer for a marked image is normal."""
+    from patchad.demo_drift import write_scene
+
+    models = tmp_path / "models"
+    models.mkdir()
+    _fit(demo_root, "part" if (demo_root / "part").is_dir() else "object", 0.25).save(
+        models / "m.safetensors"
+    )
+    scene = write_scene(tmp_path / "scene", size=64)
+    new_good = sorted((scene / "update").glob("*.png"))[:8]
+    defects = sorted(p for p in (scene / "test").rglob("*.png") if p.parent.name != "good")[:3]
+    store = tmp_path / "feedback"
+    app = create_app(models_dir=str(models), watch_interval=0, feedback_dir=str(store))
+    with TestClient(app) as c:
+        first = c.post("/models/m/predict", files=_files(new_good)).json()["results"]
+        flagged = [p for p, r in zip(new_good, first, strict=True) if r["decision"] == "anomalous"]
+        assert flagged, "the new look should raise false alarms before the update"
+        for path in flagged:
+            reply = c.post("/models/m/feedback", files=_files([path]), data={"label": "good"})
+            assert reply.status_code == 200, reply.text
+        for path in defects:
+            reply = c.post("/models/m/feedback", files=_files([path]), data={"label": "defect"})
+            assert reply.status_code == 200, reply.text
+        old_sha = c.get("/models/m").json()["sha256"]
+        target = models / "m.safetensors"
+        argv = ["-q", "update", "--model", str(target), "--feedback", str(store)]
+        argv += ["--calibration-split", "0", "--out", str(target), "--force"]
+        assert main(argv) == 0  # written atomically over the served file
+        c.app.state.patchad.repo.check()
+        facts = c.get("/models/m").json()
+        assert facts["sha256"] != old_sha
+        assert facts["lineage"]["updates"][0]["images"] == len(flagged)
+        again = c.post("/models/m/predict", files=_files(flagged)).json()["results"]
+        assert [r["decision"] for r in again] == ["normal"] * len(flagged)
+        assert {r["model_sha256"] for r in again} == {facts["sha256"]}
+
+
+def test_update_feedback_warns_or_refuses_when_a_defect_is_no_longer_flagged(
+    line: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A 'confirmed defect' that the update would accept is named; --strict writes nothing."""
+    _, path, _ = line["a"]
+    store = FeedbackStore(tmp_path / "feedback")
+    good = line["images"][0]
+    defect = next(p for p in line["images"] if p.parent.name != "good")
+    for label, image in (("good", good), ("good", defect), ("defect", defect)):
+        store.add(image=image.read_bytes(), name=image.name, label=label, model="a",
+                  model_sha256=None, score=None, decision=None)  # fmt: skip
+    out = tmp_path / "a2.safetensors"
+    argv = ["-q", "update", "--model", str(path), "--feedback", str(tmp_path / "feedback")]
+    argv += ["--feedback-model", "a", "--calibration-split", "0", "--out", str(out)]
+    assert main([*argv, "--strict"]) == 2
+    err = capsys.readouterr().err
+    assert "no longer flags 1 of 1 confirmed defects" in err
+    assert "--strict: nothing written" in err
+    assert not out.exists()
+    assert main(argv) == 0
+    assert "warning: the updated model no longer flags 1 of 1" in capsys.readouterr().err
+    assert out.is_file()
+    assert main([*argv, "--feedback-model", "zz", "--force"]) == 2
+    assert "no feedback for model 'zz' (feedback there is for ['a']" in capsys.readouterr().err

@@ -95,6 +95,7 @@ class ExportedModel:
         self.path = path
         self.metadata = metadata
         self.method = str(metadata["method"])
+        self.lineage_ = metadata.get("lineage")  # None for files exported before lineage
         self.batch_size = batch_size
         self._session = session
         pre = metadata["preprocess"]

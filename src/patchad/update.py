@@ -218,3 +218,33 @@ def _recalibrate(
         f"recalibrated on the {stored} stored calibration scores and {len(calib)} held-out new "
         f"images ({why})"
     )
+
+
+def feedback_images(directory: str | Any, model: str) -> tuple[list[Any], list[Any]]:
+    """The images operators labelled for ``model`` in a ``patchad serve --feedback-dir``
+    folder: (good ones, i.e. false alarms; confirmed defects), oldest first.
+
+    Raises:
+        PatchadError: the folder or a record is unreadable, or it holds no feedback for
+            ``model`` (the message lists the models it has feedback for).
+    """
+    from patchad.serve.feedback import read_feedback
+
+    records = read_feedback(directory, model=model)
+    if not records:
+        names = sorted({r.model for r in read_feedback(directory)})
+        raise PatchadError(
+            f"{directory}: no feedback for model {model!r} (feedback there is for "
+            f"{names or 'no model'}; --feedback-model NAME chooses)"
+        )
+    good = [r.image for r in records if r.label == "good"]
+    defect = [r.image for r in records if r.label == "defect"]
+    return good, defect
+
+
+def not_flagged(det: Detector, images: list[Any]) -> list[Any]:
+    """Of ``images`` (confirmed defects), those the calibrated model now judges normal."""
+    if not images:
+        return []
+    pred = det.predict(images)
+    return [image for image, bad in zip(images, pred.decisions, strict=True) if not bad]

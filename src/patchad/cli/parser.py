@@ -135,6 +135,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="MVTec category folder (uses train/good) or a plain folder of new good images",
     )
     update.add_argument(
+        "--feedback",
+        metavar="FEEDBACK_DIR",
+        help="a `patchad serve --feedback-dir` folder: images operators marked as false alarms "
+        "go into the model; confirmed defects are checked against the updated one",
+    )
+    update.add_argument(
+        "--feedback-model",
+        metavar="NAME",
+        help="whose feedback to use (default: the --model file's name without its suffix)",
+    )
+    update.add_argument(
+        "--strict",
+        action="store_true",
+        help="with --feedback: refuse (write nothing) if a confirmed defect is no longer flagged",
+    )
+    update.add_argument(
         "--calibration-split",
         type=float,
         help="share of the new images held out for the thresholds (default: the model's, 0.1 "

@@ -9,6 +9,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from patchad.cli.commands import _good_images, _say, _summary
 from patchad.cli.parser import EXIT_OK
@@ -22,13 +23,30 @@ def _thresholds(pair: tuple[float, float] | None) -> str:
 def cmd_update(args: argparse.Namespace) -> int:
     from patchad.data import training_images
     from patchad.detectors import load
+    from patchad.update import feedback_images
 
     out = Path(args.out)
     if out.exists() and not args.force:
         raise PatchadError(f"{out}: already exists (use --force to overwrite)")
-    if args.data is None:
-        raise PatchadError("update: give --data NEW_GOOD_DIR")
-    images = training_images(args.data)
+    if args.data is None and args.feedback is None:
+        raise PatchadError("update: give --data NEW_GOOD_DIR and/or --feedback FEEDBACK_DIR")
+    images = [] if args.data is None else training_images(args.data)
+    good: list[Path] = []
+    defects: list[Path] = []
+    if args.feedback is not None:
+        name = args.feedback_model or Path(args.model).stem
+        good, defects = feedback_images(args.feedback, name)
+        if not good and args.data is None:
+            raise PatchadError(
+                f"{args.feedback}: no image of model {name!r} is labelled good (a false alarm); "
+                "nothing to update with"
+            )
+        _say(
+            args,
+            f"feedback for {name}: {len(good)} false alarms to learn from, {len(defects)} "
+            "confirmed defects to check",
+        )
+        images = [*images, *good]
     calibration = None if args.calibration_dir is None else _good_images(args.calibration_dir)
     detector = load(args.model, weights=args.weights)
     if args.calibration_split is not None:
@@ -56,9 +74,10 @@ def cmd_update(args: argparse.Namespace) -> int:
         what = f"gallery {added['gallery_before']:,} -> {added['gallery_after']:,} images"
     else:
         what = f"Gaussians from {added['images_before']:,} -> {added['images_after']:,} images"
+    source = " and ".join(x for x in (args.data, args.feedback) if x is not None)
     _say(
         args,
-        f"updated {args.model} with {report.images} images from {args.data} "
+        f"updated {args.model} with {report.images} images from {source} "
         f"(+ {report.calibration_images} held out for calibration): {what}",
     )
     after = None
@@ -69,9 +88,48 @@ def cmd_update(args: argparse.Namespace) -> int:
         f"thresholds: {_thresholds(report.thresholds_before)} -> {_thresholds(after)} "
         f"({report.calibration})",
     )
+    _check_feedback(args, detector, good, defects)
     detector.save(out, force=args.force)
     _summary(args, f"saved {out} ({time.perf_counter() - start:.1f} s)")
     return EXIT_OK
+
+
+def _check_feedback(
+    args: argparse.Namespace, detector: Any, good: list[Path], defects: list[Path]
+) -> None:
+    """After an update from feedback: warn when a false alarm is still flagged, and warn
+    (``--strict``: refuse) when a confirmed defect no longer is."""
+    from patchad.update import not_flagged
+
+    if not good and not defects:
+        return
+    if not detector.is_calibrated:
+        print(
+            "patchad: warning: the model has no thresholds, so the feedback images could not be "
+            "checked against it",
+            file=sys.stderr,
+        )
+        return
+    flagged = sorted(set(good) - set(not_flagged(detector, good)))
+    if flagged:
+        print(
+            f"patchad: warning: the updated model still flags {len(flagged)} of {len(good)} "
+            f"false alarms: {', '.join(str(p) for p in flagged)}",
+            file=sys.stderr,
+        )
+    missed = not_flagged(detector, defects)
+    if not missed:
+        if defects:
+            _say(args, f"the updated model still flags all {len(defects)} confirmed defects")
+        return
+    names = ", ".join(str(p) for p in missed)
+    message = (
+        f"the updated model no longer flags {len(missed)} of {len(defects)} confirmed defects: "
+        f"{names}"
+    )
+    if args.strict:
+        raise PatchadError(message + " (--strict: nothing written)")
+    print(f"patchad: warning: {message}", file=sys.stderr)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
