@@ -24,6 +24,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("prometheus_client")
 from fastapi.testclient import TestClient
 
+from holds import HANG_S, wait_until
 from patchad.cli import main
 from patchad.errors import PatchadError
 from patchad.serve import create_app
@@ -96,15 +97,6 @@ def _scores(c: TestClient, name: str, paths: list[Path]) -> tuple[list[float], s
     return [r["score"] for r in results], {r["model_sha256"] for r in results}
 
 
-def _until(condition: Any, what: str, timeout: float = 60.0) -> None:
-    """Poll ``condition`` until true; the timeout is a hang guard, not a timing assumption."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 # ------------------------------------------------------------------------- repository
 def test_repository_lists_models_and_loads_them_lazily(
     line: dict[str, Any], models_dir: Path
@@ -137,6 +129,7 @@ def test_repository_lists_models_and_loads_them_lazily(
         assert threshold["calibration_images"] == 4
 
 
+@pytest.mark.races
 def test_requests_arriving_during_a_lazy_load_wait_for_it(
     line: dict[str, Any], models_dir: Path
 ) -> None:
@@ -148,7 +141,7 @@ def test_requests_arriving_during_a_lazy_load_wait_for_it(
     def slow(path: Path) -> Any:
         calls.append(path.name)
         started.set()
-        go.wait(60)
+        go.wait(HANG_S)
         return load_model(path)
 
     repo = Repository(lambda m, f: _batcher(m), directory=models_dir, load_file=slow)
@@ -162,12 +155,12 @@ def test_requests_arriving_during_a_lazy_load_wait_for_it(
 
     first = threading.Thread(target=ask, args=("first",))
     first.start()
-    assert started.wait(60)
+    assert started.wait(HANG_S)
     second = threading.Thread(target=ask, args=("second",))  # arrives while "a" loads
     second.start()
     go.set()
-    first.join(60)
-    second.join(60)
+    first.join(HANG_S)
+    second.join(HANG_S)
     try:
         assert got["first"] is got["second"], got  # the same version, loaded once
         assert calls == ["a.safetensors"]
@@ -215,6 +208,7 @@ def test_one_broken_model_among_good_ones(line: dict[str, Any], models_dir: Path
 
 
 # --------------------------------------------------------------------------- hot swap
+@pytest.mark.races
 def test_atomic_replace_is_swapped_in_by_a_scan(line: dict[str, Any], models_dir: Path) -> None:
     (_, _, sha_a), (det_a2, path_a2, sha_a2) = line["a"], line["a2"]
     images = line["images"][:3]
@@ -235,10 +229,10 @@ def test_atomic_replace_is_swapped_in_by_a_scan(line: dict[str, Any], models_dir
         assert held.batcher.alive
         from patchad.images import read_image
 
-        old = held.batcher.submit([read_image(images[0])])[0].result(60)
+        old = held.batcher.submit([read_image(images[0])])[0].result(HANG_S)
         np.testing.assert_allclose(old.scores, line["a"][0].predict(images[:1]).scores, atol=1e-5)
         repo.release(held)
-        _until(lambda: not held.batcher.alive, "the old version's worker to stop")
+        wait_until(lambda: not held.batcher.alive, "the old version's worker to stop")
         assert 'patchad_model_swaps_total{model="a"} 1.0' in c.get("/metrics").text
         # a new file appears, a removed one disappears
         shutil.copy(path_a2, models_dir / "c.safetensors")
@@ -248,12 +242,13 @@ def test_atomic_replace_is_swapped_in_by_a_scan(line: dict[str, Any], models_dir
         assert c.get("/models/b").status_code == 404
 
 
+@pytest.mark.races
 def test_the_watcher_picks_up_a_replaced_file(line: dict[str, Any], models_dir: Path) -> None:
     sha_a2 = line["a2"][2]
     with TestClient(create_app(models_dir=str(models_dir), watch_interval=0.1)) as c:
         _scores(c, "a", line["images"][:1])
         _replace(models_dir / "a.safetensors", line["a2"][1])
-        _until(lambda: c.get("/models/a").json()["sha256"] == sha_a2, "the swap")
+        wait_until(lambda: c.get("/models/a").json()["sha256"] == sha_a2, "the swap")
         assert _scores(c, "a", line["images"][:1])[1] == {sha_a2}
 
 
@@ -338,9 +333,9 @@ def test_feedback_is_stored_with_every_field(
     assert first.decision == expected["decision"]
     assert first.note == "lighting glare, part is fine"
     assert first.name == "../../evil/../x.png"
-    assert re.fullmatch(r"\d{8}-\d{6}-[0-9a-f]{16}\.png", first.image.name)
+    assert re.fullmatch(r"\d{8}-\d{6}-\d{9}-[0-9a-f]{16}\.png", first.image.name)
     assert first.image.read_bytes() == image.read_bytes()
-    assert re.fullmatch(r"\d{8}-\d{6}-[0-9a-f]{16}\.json", first.record.name)
+    assert re.fullmatch(r"\d{8}-\d{6}-\d{9}-[0-9a-f]{16}\.json", first.record.name)
     assert time.strftime("%Y-%m-%dT") in first.time or first.time.endswith("Z")
     assert records[1].model == "b"
     assert records[1].model_sha256 == line["b"][2]
@@ -566,7 +561,7 @@ def test_line_page_in_a_real_browser(
     for i, image in enumerate(line["images"][:2]):
         shutil.copy(image, upload / f"part{i}.png")
     try:
-        _until(lambda: server.started, "the server to start")
+        wait_until(lambda: server.started, "the server to start")
         with sync_playwright() as p:
             browser = p.chromium.launch(
                 executable_path=path,
@@ -583,27 +578,27 @@ def test_line_page_in_a_real_browser(
                         else None
                     ),
                 )
-                page.goto(f"http://127.0.0.1:{port}/", timeout=30_000)
+                page.goto(f"http://127.0.0.1:{port}/", timeout=HANG_S * 1000)
                 page.wait_for_selector("#model-choice option[value='b']", state="attached")
                 page.select_option("#model-choice", "b")
                 page.wait_for_function(
                     "document.querySelector('#status').textContent.includes('b ·')",
-                    timeout=60_000,
+                    timeout=HANG_S * 1000,
                 )
                 page.set_input_files(
                     "#files", [str(upload / "part0.png"), str(upload / "part1.png")]
                 )
                 page.wait_for_function(
-                    "document.querySelectorAll('.result').length == 2", timeout=60_000
+                    "document.querySelectorAll('.result').length == 2", timeout=HANG_S * 1000
                 )
-                page.wait_for_selector("#rate:not(:empty)", timeout=60_000)
+                page.wait_for_selector("#rate:not(:empty)", timeout=HANG_S * 1000)
                 card = page.locator(".result").first
                 card.locator(".note").fill("glare on the cap")
                 card.locator("button.false-alarm").click()
                 page.wait_for_function(
                     "document.querySelector('.result .feedback-state').textContent"
                     ".startsWith('stored')",
-                    timeout=60_000,
+                    timeout=HANG_S * 1000,
                 )
                 page.screenshot(path=str(tmp_path / "line.png"), full_page=True)
                 assert outside == []

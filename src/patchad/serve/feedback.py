@@ -10,8 +10,9 @@ Torch-free. On-disk layout (flat, one folder):
                                  "note": str, "name": the client's file name (never used as a
                                  path)}
 
-``<stamp>`` is the UTC time ``YYYYmmdd-HHMMSS`` and ``<hex>`` 16 random hex digits, so names
-sort by time and never come from the client. Both files are written atomically
+``<stamp>`` is the UTC time ``YYYYmmdd-HHMMSS-nnnnnnnnn`` (nanoseconds, increasing within a
+store even when two items arrive in one tick) and ``<hex>`` 16 random hex digits, so names sort
+in the order items were stored and never come from the client. Both files are written atomically
 (:mod:`patchad.atomic`), the image first: a record exists only once its image is complete, and
 an image without a record (a write cut short) is ignored by :func:`read_feedback`.
 
@@ -94,6 +95,7 @@ class FeedbackStore:
         except OSError as exc:
             raise PatchadError(f"{self.directory}: cannot create ({exc.strerror})") from None
         self._lock = threading.Lock()
+        self._last_ns = 0
 
     def add(
         self,
@@ -118,10 +120,13 @@ class FeedbackStore:
         check_label(label)
         suffix = Path(name).suffix.lower()
         suffix = suffix if suffix in IMAGE_SUFFIXES else ".png"
-        now = time.time()
         with self._lock:  # one writer at a time: a name is never reused
+            # names sort in the order items were stored, even within one second
+            ns = self._last_ns = max(time.time_ns(), self._last_ns + 1)
+            now = ns / 1e9
             while True:
-                stem = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime(now))}-{secrets.token_hex(8)}"
+                stamp = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime(now))}-{ns % 10**9:09d}"
+                stem = f"{stamp}-{secrets.token_hex(8)}"
                 image_path = self.directory / f"{stem}{suffix}"
                 record_path = self.directory / f"{stem}.json"
                 if not image_path.exists() and not record_path.exists():
