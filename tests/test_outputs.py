@@ -122,10 +122,12 @@ def test_write_predictions_stops_cleanly_on_a_bad_image(tmp_path: Path) -> None:
         raise PatchadError("/data/bad.png: cannot decode image")
 
     paths = [Path("/data/000.png"), Path("/data/001.png"), Path("/data/bad.png")]
+    images = {n: np.zeros((12, 20, 3), np.uint8) for n in good[0].names}
     with pytest.raises(PatchadError, match=r"bad\.png.*2 of 3 images scored"):
-        write_predictions(parts(), paths, tmp_path, pixel_threshold=0.9)
+        write_predictions(parts(), paths, tmp_path, pixel_threshold=0.9, images=images)
     assert not (tmp_path / "scores.csv").exists()
     assert len(list((tmp_path / "maps").iterdir())) == 2
+    assert len(list((tmp_path / "overlays").iterdir())) == 2  # written with their batch
 
 
 def test_prediction_save_writes_what_the_cli_writes(

@@ -4,7 +4,8 @@ Endpoints: ``POST /predict`` (multipart images -> one ``results.jsonl`` record e
 with the overlay PNG and the float32 map), ``GET /health``, ``GET /model``,
 ``GET /thresholds?fpr=``, ``GET /metrics`` (Prometheus), and the operator's page at ``/``.
 Scoring runs in the :class:`~patchad.serve.batching.Batcher`'s one worker thread, never on
-the event loop; decoding, overlays and encoding run in the default thread pool.
+the event loop; decoding, overlays and their PNG encoding (:func:`patchad.png.encode_png`, the
+one ``patchad predict`` uses) run in the default thread pool.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from patchad.atomic import atomic_write_bytes
 from patchad.errors import PatchadError
 from patchad.images import IMAGE_SUFFIXES, read_image
 from patchad.outputs import overlay_scale
+from patchad.png import encode_png
 from patchad.prediction import Prediction
 from patchad.serve.batching import Batcher, QueueFull
 from patchad.serve.model import file_sha256, model_facts, thresholds_at
@@ -179,9 +181,8 @@ def _save_uploads(folder: Path, uploads: Sequence[tuple[str, bytes]]) -> list[st
 
 
 def _png(image: Any) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    """Base64 PNG of ``image``, by the encoder of ``patchad predict``'s overlays."""
+    return base64.b64encode(encode_png(image)).decode("ascii")
 
 
 def _npy(array: np.ndarray) -> str:
