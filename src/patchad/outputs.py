@@ -44,8 +44,9 @@ from patchad.prediction import Prediction
 #: ``results.jsonl``, ``maps/``, ``overlays/``, ``masks/`` (masks only when calibrated).
 OUTPUTS = ("scores", "jsonl", "maps", "overlays", "masks")
 
-#: Writer threads by default: two per core up to 4 (more only adds contention with scoring).
-DEFAULT_WRITERS = min(4, 2 * (os.cpu_count() or 1))
+#: Writer threads by default: one per core this process may use, at most 4 (the encoders are
+#: CPU-bound; more threads only contend with scoring).
+DEFAULT_WRITERS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2)
 
 
 @dataclass(frozen=True)
