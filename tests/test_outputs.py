@@ -344,6 +344,28 @@ def test_encode_png_decodes_to_the_same_pixels(shape: tuple[int, ...], dtype: ty
         assert np.array_equal(np.asarray(decoded), np.asarray(picture))
 
 
+def test_encode_png_strips_are_the_same_bytes_whatever_the_threads() -> None:
+    """An image of several strips (each compressed alone, then joined): a valid zlib stream,
+    the same pixels, and the same bytes with 1 or 3 threads."""
+    import io
+    import zlib
+
+    from patchad.png import STRIP_BYTES, encode_png
+
+    rng = np.random.default_rng(5)
+    array = np.repeat(rng.integers(0, 256, (300, 1, 3), dtype=np.uint8), 800, axis=1)
+    array[::7] = rng.integers(0, 256, array[::7].shape, dtype=np.uint8)
+    assert array.nbytes > 2 * STRIP_BYTES
+    data = encode_png(array, threads=1)
+    assert encode_png(array, threads=3) == data
+    start = data.index(b"IDAT")
+    length = int.from_bytes(data[start - 4 : start], "big")
+    raw = zlib.decompress(data[start + 4 : start + 4 + length])  # checks the Adler-32 too
+    assert len(raw) == 300 * (800 * 3 + 1)
+    with Image.open(io.BytesIO(data)) as decoded:
+        assert np.array_equal(np.asarray(decoded), array)
+
+
 def test_encode_png_falls_back_to_pillow_for_other_modes() -> None:
     import io
 

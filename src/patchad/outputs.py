@@ -38,6 +38,7 @@ import numpy as np
 
 from patchad.atomic import save_npy_atomic, write_png_atomic, write_text_atomic
 from patchad.errors import PatchadError
+from patchad.png import CORES
 from patchad.prediction import Prediction
 
 #: What ``outputs`` (``patchad predict --outputs``) chooses from: ``scores.csv``,
@@ -46,7 +47,7 @@ OUTPUTS = ("scores", "jsonl", "maps", "overlays", "masks")
 
 #: Writer threads by default: one per core this process may use, at most 4 (the encoders are
 #: CPU-bound; more threads only contend with scoring).
-DEFAULT_WRITERS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2)
+DEFAULT_WRITERS = CORES
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ from patchad.atomic import atomic_write_bytes
 from patchad.errors import PatchadError
 from patchad.images import IMAGE_SUFFIXES, read_image
 from patchad.outputs import overlay_scale
-from patchad.png import encode_png
+from patchad.png import CORES, encode_png
 from patchad.prediction import Prediction
 from patchad.serve.batching import Batcher, QueueFull
 from patchad.serve.model import file_sha256, model_facts, thresholds_at
@@ -181,8 +181,9 @@ def _save_uploads(folder: Path, uploads: Sequence[tuple[str, bytes]]) -> list[st
 
 
 def _png(image: Any) -> str:
-    """Base64 PNG of ``image``, by the encoder of ``patchad predict``'s overlays."""
-    return base64.b64encode(encode_png(image)).decode("ascii")
+    """Base64 PNG of ``image``, by the encoder of ``patchad predict``'s overlays (the same
+    bytes), its strips compressed on every core: one answer waits for one image's encoding."""
+    return base64.b64encode(encode_png(image, threads=CORES)).decode("ascii")
 
 
 def _npy(array: np.ndarray) -> str:
