@@ -292,6 +292,7 @@ def main() -> None:
     parser.add_argument("--before-src", type=Path, help="src/ of the code before, to compare")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "bench_e2e")
     parser.add_argument("--skip-serve", action="store_true")
+    parser.add_argument("--skip-predict", action="store_true", help="serve and stages only")
     parser.add_argument("--out", help="results file under benchmarks/results/")
     args = parser.parse_args()
     command = "PYTHONPATH=src python3 " + " ".join(sys.argv)
@@ -301,8 +302,10 @@ def main() -> None:
     test, model = prepare(args.work, args.images)
     before = args.before_src.resolve() if args.before_src else None
 
-    predict = bench_predict(model, test, args.work, args.repeats, before)
-    sizes = predict.pop("_sizes")
+    predict, sizes = {}, {}
+    if not args.skip_predict:
+        predict = bench_predict(model, test, args.work, args.repeats, before)
+        sizes = predict.pop("_sizes")
     load_predict = _load()
     serve: dict[str, dict[str, float]] = {}
     if not args.skip_serve:
@@ -312,7 +315,6 @@ def main() -> None:
     stages = bench_stages(test, model)
     load_end = _load()
 
-    base = predict["scores only"]["wall"]
     lines = [
         f"# command: {command}",
         f"# date: {date}",
@@ -323,18 +325,22 @@ def main() -> None:
         f"{args.images} generated RGB images of 800 x 600; PatchCore, tf_efficientnet_lite0, "
         "coreset 1 %, 256 px, calibrated (masks written). Wall time of the whole command "
         "(imports included), median of the runs; CPU = user + system of the child.",
-        "",
-        "## patchad predict",
-        "",
-        "| run | wall s (median) | / scores only | CPU s | runs, wall s |",
-        "|---|---|---|---|---|",
     ]
-    for name, row in predict.items():
-        walls = ", ".join(f"{w:.1f}" for w in row["walls"])
-        ratio = row["wall"] / base
-        lines.append(f"| {name} | {row['wall']:.1f} | {ratio:.2f}x | {row['cpu']:.1f} | {walls} |")
-    lines += ["", "Output sizes of the full run (MiB): "]
-    lines[-1] += ", ".join(f"{k} {v:.1f}" for k, v in sizes.items())
+    if predict:
+        base = predict["scores only"]["wall"]
+        lines += [
+            "",
+            "## patchad predict",
+            "",
+            "| run | wall s (median) | / scores only | CPU s | runs, wall s |",
+            "|---|---|---|---|---|",
+        ]
+        for name, row in predict.items():
+            walls = ", ".join(f"{w:.1f}" for w in row["walls"])
+            ratio, cpu = row["wall"] / base, row["cpu"]
+            lines.append(f"| {name} | {row['wall']:.1f} | {ratio:.2f}x | {cpu:.1f} | {walls} |")
+        lines += ["", "Output sizes of the full run (MiB): "]
+        lines[-1] += ", ".join(f"{k} {v:.1f}" for k, v in sizes.items())
     if serve:
         lines += [
             "",
