@@ -434,3 +434,22 @@ def test_cli_outputs_flag(fitted, demo_root: Path, tmp_path: Path, capsys) -> No
     assert err.count("\n") == 1
     assert "--outputs: unknown 'heatmap'; choose from scores,jsonl,maps,overlays,masks" in err
     assert not (tmp_path / "x").exists()  # refused before anything is loaded or created
+
+
+def test_cli_write_error_is_one_line(fitted, demo_root: Path, tmp_path: Path, capsys) -> None:
+    model = tmp_path / "m.safetensors"
+    fitted.save(model)
+    images = [str(p) for p in sorted((demo_root / "object" / "test").glob("*/*.png"))[:3]]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "overlays").write_text("a file where the folder should be")
+    capsys.readouterr()
+    argv = ["-q", "predict", "--model", str(model), *images, "--out", str(out), "--force"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("patchad: error: ")
+    assert "overlays/" in err
+    assert "cannot write" in err
+    assert not (out / "scores.csv").exists()
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]

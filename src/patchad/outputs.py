@@ -164,7 +164,7 @@ class WriterPool:
         for future in futures:
             future.add_done_callback(self._note)
         self._entries.append((futures, done))
-        self._retire(block=False)
+        self._retire_finished()
         while len(self._entries) > 1 and self._pending(len(self._entries) - 1) > self._max_pending:
             self._retire_oldest()
         return futures
@@ -208,10 +208,9 @@ class WriterPool:
             1 for futures, _ in list(self._entries)[:entries] for f in futures if not f.done()
         )
 
-    def _retire(self, *, block: bool) -> None:
-        while self._entries and (block or all(f.done() for f in self._entries[0][0])):
+    def _retire_finished(self) -> None:
+        while self._entries and all(f.done() for f in self._entries[0][0]):
             self._retire_oldest()
-            block = False
 
     def _retire_oldest(self) -> None:
         futures, done = self._entries[0]
