@@ -4,6 +4,7 @@ and a light ``import patchad``."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -123,10 +124,12 @@ def test_write_predictions_stops_cleanly_on_a_bad_image(tmp_path: Path) -> None:
         raise PatchadError("/data/bad.png: cannot decode image")
 
     paths = [Path("/data/000.png"), Path("/data/001.png"), Path("/data/bad.png")]
+    images = {n: np.zeros((12, 20, 3), np.uint8) for n in good[0].names}
     with pytest.raises(PatchadError, match=r"bad\.png.*2 of 3 images scored"):
-        write_predictions(parts(), paths, tmp_path, pixel_threshold=0.9)
+        write_predictions(parts(), paths, tmp_path, pixel_threshold=0.9, images=images)
     assert not (tmp_path / "scores.csv").exists()
     assert len(list((tmp_path / "maps").iterdir())) == 2
+    assert len(list((tmp_path / "overlays").iterdir())) == 2  # written with their batch
 
 
 def test_prediction_save_writes_what_the_cli_writes(
@@ -158,3 +161,296 @@ def test_prediction_save_in_memory_images(fitted, demo_root: Path, tmp_path: Pat
     pred.save(tmp_path / "out", images=[picture])
     assert (tmp_path / "out" / "overlays" / "image_0000.png").is_file()
     assert read_scores_csv(tmp_path / "out" / "scores.csv")[0][0] == "image_0000"
+
+
+# --- --outputs, the writer pool, the PNG encoder (issue 28) ------------------------------------
+
+
+def _written_files(out: Path) -> set[str]:
+    return {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+
+
+def _write(out: Path, calibrated: bool, **kwargs) -> set[str]:
+    parts = _parts(5, calibrated)
+    paths = [Path(n) for p in parts for n in p.names]
+    rng = np.random.default_rng(2)
+    images = {str(p): rng.integers(0, 255, (12, 20, 3), dtype=np.uint8) for p in paths}
+    out.mkdir()
+    threshold = 0.9 if calibrated else None
+    write_predictions(parts, paths, out, pixel_threshold=threshold, images=images, **kwargs)
+    return _written_files(out)
+
+
+@pytest.mark.parametrize("calibrated", [True, False])
+@pytest.mark.parametrize(
+    "outputs", ["scores", "jsonl", "maps", "overlays", "masks", "scores,overlays", None]
+)
+def test_outputs_write_exactly_the_files_chosen(
+    tmp_path: Path, calibrated: bool, outputs: str | None
+) -> None:
+    files = _write(tmp_path / "out", calibrated, outputs=outputs)
+    stems = [f"{i:03d}" for i in range(5)]
+    expected = {
+        "scores": {"scores.csv"},
+        "jsonl": {"results.jsonl"},
+        "maps": {f"maps/{s}.npy" for s in stems},
+        "overlays": {f"overlays/{s}.png" for s in stems},
+        "masks": {f"masks/{s}.png" for s in stems} if calibrated else set(),
+    }
+    chosen = (outputs or "scores,jsonl,maps,overlays,masks").split(",")
+    assert files == set().union(*(expected[o] for o in chosen))
+    # nothing else either: no temporary file, no folder of maps kept for the overlays
+    assert [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")] == []
+
+
+def test_overlays_without_maps_are_those_of_a_full_run(tmp_path: Path) -> None:
+    """Uncalibrated, the overlays' scale is the run's map range: drawn from maps kept in a
+    hidden folder until then, they are the same bytes as when the maps are written."""
+    _write(tmp_path / "all", False)
+    _write(tmp_path / "some", False, outputs=["overlays"])
+    for name in _written_files(tmp_path / "some"):
+        assert (tmp_path / "some" / name).read_bytes() == (tmp_path / "all" / name).read_bytes()
+
+
+@pytest.mark.parametrize("calibrated", [True, False])
+def test_files_are_the_same_bytes_whatever_the_writer_threads(
+    tmp_path: Path, calibrated: bool
+) -> None:
+    one = _write(tmp_path / "one", calibrated, writers=1)
+    many = _write(tmp_path / "many", calibrated, writers=4)
+    assert one == many
+    for name in one:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "many" / name).read_bytes()
+
+
+@pytest.mark.parametrize("value", ["scores,heatmaps", "", "png"])
+def test_parse_outputs_refuses_unknown_names(value: str) -> None:
+    from patchad.outputs import parse_outputs
+
+    with pytest.raises(PatchadError, match="choose from scores,jsonl,maps,overlays,masks"):
+        parse_outputs(value)
+    assert parse_outputs(" scores , maps") == {"scores", "maps"}
+    assert parse_outputs(None) == {"scores", "jsonl", "maps", "overlays", "masks"}
+
+
+def test_a_write_error_stops_the_run_with_no_partial_file(tmp_path: Path) -> None:
+    """A file where the maps folder should be: the first map fails, the run stops with one line
+    naming it, and neither scores.csv nor any temporary file is left."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "maps").write_text("in the way")
+    parts = _parts(6, True)
+    paths = [Path(n) for p in parts for n in p.names]
+    images = {str(p): np.zeros((12, 20, 3), np.uint8) for p in paths}
+    with pytest.raises(PatchadError, match=r"maps/00\d\.npy: cannot write") as caught:
+        write_predictions(parts, paths, out, pixel_threshold=0.9, images=images)
+    assert "\n" not in str(caught.value)
+    assert not (out / "scores.csv").exists()
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_a_failing_disk_mid_write_leaves_no_partial_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk fills while the overlays are written: one line (not a crash), the temporary
+    file removed, no partial overlay, no scores.csv."""
+    import errno
+
+    import patchad.atomic
+
+    real_fsync = patchad.atomic.os.fsync
+
+    def fsync(fd: int) -> None:
+        if "overlays" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(patchad.atomic.os, "fsync", fsync)
+    out = tmp_path / "out"
+    out.mkdir()
+    parts = _parts(4, True)
+    paths = [Path(n) for p in parts for n in p.names]
+    images = {str(p): np.zeros((12, 20, 3), np.uint8) for p in paths}
+    with pytest.raises(PatchadError, match=r"overlays/00\d\.png: cannot write \(No space left"):
+        write_predictions(parts, paths, out, pixel_threshold=0.9, images=images)
+    assert not (out / "scores.csv").exists()
+    assert [p for p in out.rglob("*") if "overlays" in p.as_posix() and p.is_file()] == []
+
+
+def test_writer_pool_bounds_what_waits_and_keeps_order() -> None:
+    """However fast the caller submits, at most ``max_pending`` jobs of earlier entries (and
+    the newest entry) are outstanding; ``done`` runs in the caller's thread, in order."""
+    import threading
+
+    from patchad.outputs import WriterPool
+
+    lock = threading.Lock()
+    submitted, finished, most = [0], [0], [0]
+    order: list[int] = []
+
+    def job() -> None:
+        with lock:
+            most[0] = max(most[0], submitted[0] - finished[0])
+            finished[0] += 1
+
+    def done(k: int) -> None:
+        assert threading.current_thread() is threading.main_thread()
+        order.append(k)
+
+    with WriterPool(workers=2, max_pending=3) as pool:
+        for k in range(200):
+            with lock:
+                submitted[0] += 1
+            pool.submit([job], lambda k=k: done(k))
+        pool.finish()
+    assert order == list(range(200))
+    assert most[0] <= 3 + 2  # + the newest entry, + the one being submitted
+
+
+def test_writer_pool_raises_the_first_error_in_the_callers_thread() -> None:
+    from patchad.outputs import WriterPool
+
+    done: list[int] = []
+
+    def fail(k: int) -> None:
+        raise PatchadError(f"{k}.png: cannot write (No space left on device)")
+
+    def run(pool: WriterPool) -> None:
+        pool.submit([lambda: None], lambda: done.append(0))
+        pool.submit([lambda: fail(1)], lambda: done.append(1))
+        for k in range(2, 20):
+            pool.submit([lambda k=k: fail(k) if k == 5 else None], lambda k=k: done.append(k))
+        pool.finish()
+
+    with WriterPool(workers=1) as pool, pytest.raises(PatchadError, match=r"^1\.png: cannot"):
+        run(pool)
+    assert done == [0]  # nothing after the failed entry is reported written
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype"),
+    [((7, 5), np.uint8), ((7, 5, 2), np.uint8), ((1, 9, 3), np.uint8), ((9, 1, 4), np.uint8)],
+)
+def test_encode_png_decodes_to_the_same_pixels(shape: tuple[int, ...], dtype: type) -> None:
+    import io
+
+    from patchad.png import encode_png
+
+    array = np.random.default_rng(3).integers(0, 256, shape).astype(dtype)
+    with Image.open(io.BytesIO(encode_png(array))) as decoded:
+        assert np.array_equal(np.asarray(decoded), array)
+    picture = Image.fromarray(array)
+    with Image.open(io.BytesIO(encode_png(picture))) as decoded:
+        assert decoded.mode == picture.mode
+        assert np.array_equal(np.asarray(decoded), np.asarray(picture))
+
+
+def test_encode_png_strips_are_the_same_bytes_whatever_the_threads() -> None:
+    """An image of several strips (each compressed alone, then joined): a valid zlib stream,
+    the same pixels, and the same bytes with 1 or 3 threads."""
+    import io
+    import zlib
+
+    from patchad.png import STRIP_BYTES, encode_png
+
+    rng = np.random.default_rng(5)
+    array = np.repeat(rng.integers(0, 256, (300, 1, 3), dtype=np.uint8), 800, axis=1)
+    array[::7] = rng.integers(0, 256, array[::7].shape, dtype=np.uint8)
+    assert array.nbytes > 2 * STRIP_BYTES
+    data = encode_png(array, threads=1)
+    assert encode_png(array, threads=3) == data
+    start = data.index(b"IDAT")
+    length = int.from_bytes(data[start - 4 : start], "big")
+    raw = zlib.decompress(data[start + 4 : start + 4 + length])  # checks the Adler-32 too
+    assert len(raw) == 300 * (800 * 3 + 1)
+    with Image.open(io.BytesIO(data)) as decoded:
+        assert np.array_equal(np.asarray(decoded), array)
+
+
+def test_encode_png_falls_back_to_pillow_for_other_modes() -> None:
+    import io
+
+    from patchad.png import encode_png
+
+    for picture in (
+        Image.fromarray(np.arange(60, dtype=np.uint16).reshape(6, 10)),
+        Image.new("P", (4, 3), 2),
+        Image.new("1", (5, 5), 1),
+    ):
+        with Image.open(io.BytesIO(encode_png(picture))) as decoded:
+            mode = "I" if picture.mode.startswith("I") else "RGB"  # a palette may be reordered
+            assert np.array_equal(
+                np.asarray(decoded.convert(mode)), np.asarray(picture.convert(mode))
+            )
+
+
+def test_heatmap_colours_are_matplotlibs() -> None:
+    """The lookup table gives exactly the colours of matplotlib's jet on every bin edge, NaN and
+    infinities, in float32 and float64."""
+    from matplotlib import colormaps
+
+    from patchad.visualize import heatmap
+
+    def reference(amap: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
+        normed = np.clip((amap - vmin) / max(vmax - vmin, 1e-12), 0.0, 1.0)
+        return (colormaps["jet"](normed)[..., :3] * 255).round().astype(np.uint8)
+
+    rng = np.random.default_rng(4)
+    for dtype in (np.float32, np.float64):
+        amap = rng.normal(10, 5, (40, 30)).astype(dtype)
+        amap.flat[:4] = [np.nan, np.inf, -np.inf, 10.0]
+        for low, high in [(5.0, 15.0), (10.0, 10.0), (-3.0, 40.0)]:
+            assert np.array_equal(heatmap(amap, low, high), reference(amap, low, high))
+        edges = ((np.arange(257) / 256).astype(dtype) * 10)[None]
+        assert np.array_equal(heatmap(edges, 0.0, 10.0), reference(edges, 0.0, 10.0))
+
+
+def test_overlay_pixels_are_unchanged(tmp_path: Path) -> None:
+    """The overlay file decodes to the blend of the image with matplotlib's jet, as before."""
+    from matplotlib import colormaps
+
+    _write(tmp_path / "out", True)
+    part = _parts(5, True)[0]
+    image = np.random.default_rng(2).integers(0, 255, (12, 20, 3), dtype=np.uint8)
+    normed = np.clip((part.maps[0] - 0.45) / (1.35 - 0.45), 0.0, 1.0)
+    colours = (colormaps["jet"](normed)[..., :3] * 255).round().astype(np.uint8)
+    want = Image.blend(Image.fromarray(image), Image.fromarray(colours), 0.45)
+    with Image.open(tmp_path / "out" / "overlays" / "000.png") as got:
+        assert np.array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_cli_outputs_flag(fitted, demo_root: Path, tmp_path: Path, capsys) -> None:
+    model = tmp_path / "m.safetensors"
+    fitted.save(model)
+    images = [str(p) for p in sorted((demo_root / "object" / "test").glob("*/*.png"))[:3]]
+    base = ["predict", "--model", str(model), *images]
+    assert main(["-q", *base, "--out", str(tmp_path / "s"), "--outputs", "scores"]) == 0
+    assert _written_files(tmp_path / "s") == {"scores.csv"}
+    assert main([*base, "--out", str(tmp_path / "m"), "--outputs", "maps,jsonl"]) == 0
+    assert "-> " in capsys.readouterr().err
+    assert {f.split("/")[0] for f in _written_files(tmp_path / "m")} == {"maps", "results.jsonl"}
+    capsys.readouterr()
+    assert main([*base, "--out", str(tmp_path / "x"), "--outputs", "scores,heatmap"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "--outputs: unknown 'heatmap'; choose from scores,jsonl,maps,overlays,masks" in err
+    assert not (tmp_path / "x").exists()  # refused before anything is loaded or created
+
+
+def test_cli_write_error_is_one_line(fitted, demo_root: Path, tmp_path: Path, capsys) -> None:
+    model = tmp_path / "m.safetensors"
+    fitted.save(model)
+    images = [str(p) for p in sorted((demo_root / "object" / "test").glob("*/*.png"))[:3]]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "overlays").write_text("a file where the folder should be")
+    capsys.readouterr()
+    argv = ["-q", "predict", "--model", str(model), *images, "--out", str(out), "--force"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("patchad: error: ")
+    assert "overlays/" in err
+    assert "cannot write" in err
+    assert not (out / "scores.csv").exists()
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]

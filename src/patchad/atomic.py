@@ -27,7 +27,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, force: bool
     """Write ``data`` to ``path`` through a temporary file and a rename.
 
     Raises:
-        PatchadError: ``path`` exists and ``force`` is false, or its folder is not writable.
+        PatchadError: ``path`` exists and ``force`` is false, its folder is not writable, or
+            the write failed (a full disk); no partial file is left.
     """
     target = Path(path)
     if target.exists() and not force:
@@ -46,9 +47,11 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, force: bool
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise PatchadError(f"{target}: cannot write ({exc.strerror or exc})") from None
         raise
     _remove_stale_temporaries(target)
 
@@ -81,13 +84,11 @@ def save_npz_atomic(path: str | os.PathLike[str], arrays: dict[str, np.ndarray])
 
 
 def write_png_atomic(path: str | os.PathLike[str], image: object, *, force: bool = True) -> None:
-    """Write a PNG atomically, from a PIL image or a uint8 array (H, W) or (H, W, 3)."""
-    from PIL import Image
+    """Write a PNG atomically, from a PIL image or a uint8 array (H, W) or (H, W, 3), with
+    :func:`patchad.png.encode_png`."""
+    from patchad.png import encode_png
 
-    picture = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
-    atomic_write_bytes(path, buffer.getvalue(), force=force)
+    atomic_write_bytes(path, encode_png(image), force=force)
 
 
 def ensure_out_dir(path: str | os.PathLike[str], force: bool) -> Path:

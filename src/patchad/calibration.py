@@ -147,8 +147,17 @@ def region_boxes(mask: np.ndarray) -> list[list[int]]:
     """
     from scipy import ndimage
 
-    labels, _ = ndimage.label(np.asarray(mask, dtype=bool), structure=np.ones((3, 3), dtype=int))
+    mask = np.asarray(mask, dtype=bool)
+    filled_rows = np.flatnonzero(mask.any(axis=1))
+    if filled_rows.size == 0:
+        return []
+    filled_cols = np.flatnonzero(mask.any(axis=0))
+    # labelled within the rectangle that holds every defect pixel (the same regions, in the same
+    # raster order, at a fraction of the cost on a mostly normal image)
+    y0, x0 = int(filled_rows[0]), int(filled_cols[0])
+    crop = mask[y0 : int(filled_rows[-1]) + 1, x0 : int(filled_cols[-1]) + 1]
+    labels, _ = ndimage.label(crop, structure=np.ones((3, 3), dtype=int))
     return [
-        [int(cols.start), int(rows.start), int(cols.stop), int(rows.stop)]
+        [int(cols.start) + x0, int(rows.start) + y0, int(cols.stop) + x0, int(rows.stop) + y0]
         for rows, cols in ndimage.find_objects(labels)
     ]

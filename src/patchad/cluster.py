@@ -12,6 +12,7 @@ path on every node (a shared filesystem), and patchad must be installed on every
 
 from __future__ import annotations
 
+import collections
 import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -416,6 +417,7 @@ def predict(
     cpus_per_task: float = 1.0,
     max_retries: int = MAX_RETRIES,
     on_progress: Callable[[int], None] | None = None,
+    outputs: Any = None,
 ) -> Any:
     """``patchad predict`` on Ray Data: the batches of ``detector.batch_size`` input paths
     still to do go through ``map_batches`` on a pool of :class:`Scorer` actors (one per
@@ -424,9 +426,10 @@ def predict(
     :func:`patchad.outputs.write_predictions`, so the files are those of a local run.
 
     An actor whose process dies is restarted and its batch rerun (Ray's ``max_restarts`` and
-    ``max_task_retries``, ``max_retries`` each). Each written batch is recorded in
-    ``out/predict-progress.jsonl``; with ``resume``, batches recorded there are read back from
-    ``maps/`` instead of being scored again. The record is removed when the run completes.
+    ``max_task_retries``, ``max_retries`` each). Each batch whose files are written is recorded
+    in ``out/predict-progress.jsonl``; with ``resume``, batches recorded there are read back from
+    ``maps/`` instead of being scored again. The record is removed when the run completes. A run
+    whose ``outputs`` leave out the maps keeps no record (a resumed run scores every batch).
 
     Args:
         detector: the loaded model (its thresholds make the decisions, here).
@@ -440,6 +443,7 @@ def predict(
         cpus_per_task: CPUs each actor reserves; the cluster's CPUs / this = actors.
         max_retries: restarts of a dead actor, and reruns of its batch.
         on_progress: called with the number of images in each written batch.
+        outputs: which files to write (:func:`patchad.outputs.parse_outputs`); None = all.
 
     Returns:
         :class:`patchad.outputs.WrittenOutputs`.
@@ -454,14 +458,16 @@ def predict(
     import numpy as np
 
     from patchad.batching import SkippedImageWarning
-    from patchad.outputs import output_names, write_predictions
+    from patchad.outputs import output_names, parse_outputs, write_predictions
 
+    chosen = parse_outputs(outputs)
     ray = _ray()
     size = detector.batch_size
     batches = [list(range(i, min(i + size, len(paths)))) for i in range(0, len(paths), size)]
     journal = out / JOURNAL
-    done = _read_journal(journal, batches) if resume else {}
-    if not resume:
+    record = "maps" in chosen  # a resumed run reads the recorded batches' maps back
+    done = _read_journal(journal, batches) if resume and record else {}
+    if not resume or not record:
         journal.unlink(missing_ok=True)
     names = output_names(paths, sources)
     todo = [k for k in range(len(batches)) if k not in done]
@@ -482,39 +488,44 @@ def predict(
         else iter(())
     )
 
+    entries: collections.deque[dict[str, Any]] = collections.deque()
+
     def parts() -> Any:
         scored = 0
-        with open(journal, "a") as log:
-            for k in range(len(batches)):
-                if k in done:
-                    index, scores = done[k]
-                    maps = [np.load(out / "maps" / f"{names[i]}.npy") for i in index]
-                    values = np.array(scores, dtype=np.float32)
-                else:
-                    try:
-                        row = next(stream)
-                    except ray.exceptions.RayError as exc:
-                        raise PatchadError(f"predict --ray: {_data_failure(exc)}") from None
-                    except StopIteration:
-                        raise PatchadError(f"predict --ray: batch {k} never came back") from None
-                    if int(row["batch"]) != k:  # preserve_order broken: never write out of order
-                        raise PatchadError(f"predict --ray: got batch {row['batch']}, not {k}")
-                    if row["error"]:
-                        raise PatchadError(row["error"])
-                    positions, values, maps, skipped = _unpack(row["result"])
-                    for message in skipped:  # as a local run warns, from the driver
-                        warnings.warn(message, SkippedImageWarning, stacklevel=1)
-                    index = [batches[k][p] for p in positions]
-                scored += len(index)
-                yield detector._decide(values, maps, [str(paths[i]) for i in index])
-                # write_predictions asks for the next part once this one's files are written
-                entry = {"batch": k, "index": index, "scores": [float(s) for s in values]}
-                log.write(json.dumps(entry) + "\n")
-                log.flush()
+        for k in range(len(batches)):
+            if k in done:
+                index, scores = done[k]
+                maps = [np.load(out / "maps" / f"{names[i]}.npy") for i in index]
+                values = np.array(scores, dtype=np.float32)
+            else:
+                try:
+                    row = next(stream)
+                except ray.exceptions.RayError as exc:
+                    raise PatchadError(f"predict --ray: {_data_failure(exc)}") from None
+                except StopIteration:
+                    raise PatchadError(f"predict --ray: batch {k} never came back") from None
+                if int(row["batch"]) != k:  # preserve_order broken: never write out of order
+                    raise PatchadError(f"predict --ray: got batch {row['batch']}, not {k}")
+                if row["error"]:
+                    raise PatchadError(row["error"])
+                positions, values, maps, skipped = _unpack(row["result"])
+                for message in skipped:  # as a local run warns, from the driver
+                    warnings.warn(message, SkippedImageWarning, stacklevel=1)
+                index = [batches[k][p] for p in positions]
+            scored += len(index)
+            entries.append({"batch": k, "index": index, "scores": [float(s) for s in values]})
+            yield detector._decide(values, maps, [str(paths[i]) for i in index])
         if paths and not scored:  # skip_bad, and every image skipped: as iter_predict says
             raise PatchadError(f"none of the {len(paths)} images could be read (first: {paths[0]})")
 
-    with _quiet_ray_data():
+    with _quiet_ray_data(), open(journal, "a") if record else contextlib.nullcontext() as log:
+
+        def written_batch(_: Any) -> None:  # its files are written: record it
+            entry = entries.popleft()
+            if log is not None:
+                log.write(json.dumps(entry) + "\n")
+                log.flush()
+
         try:
             written = write_predictions(
                 parts(),
@@ -523,6 +534,8 @@ def predict(
                 sources=sources,
                 pixel_threshold=detector.pixel_threshold_ if detector.is_calibrated else None,
                 on_progress=on_progress,
+                outputs=chosen,
+                on_written=written_batch,
             )
         finally:
             close = getattr(stream, "close", None)

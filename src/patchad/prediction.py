@@ -67,6 +67,7 @@ class Prediction:
         *,
         images: Sequence[Any] | None = None,
         force: bool = False,
+        outputs: str | Sequence[str] | None = None,
     ) -> WrittenOutputs:
         """Write the files ``patchad predict`` writes (scores.csv, results.jsonl, maps/,
         overlays/, masks/ when calibrated) into the folder ``out``.
@@ -76,10 +77,13 @@ class Prediction:
             images: the images, for the overlays, when ``names`` are not readable files
                 (in-memory images); PIL images or uint8 arrays (H, W[, 3]).
             force: write into a non-empty folder.
+            outputs: which of them to write, as ``patchad predict --outputs``: a subset of
+                ``scores,jsonl,maps,overlays,masks`` (text or names); None = all.
         """
         from patchad.atomic import ensure_out_dir
-        from patchad.outputs import write_predictions
+        from patchad.outputs import parse_outputs, write_predictions
 
+        chosen = parse_outputs(outputs)
         folder = ensure_out_dir(Path(out), force)
         names = self.names
         if images is not None:
@@ -94,6 +98,7 @@ class Prediction:
             folder,
             pixel_threshold=self.pixel_threshold,
             images=sources,
+            outputs=chosen,
         )
 
 

@@ -124,8 +124,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from patchad.images import resolve_sources
-    from patchad.outputs import write_predictions
+    from patchad.outputs import parse_outputs, write_predictions
 
+    outputs = parse_outputs(args.outputs)
     if args.resume and args.ray is None:
         raise PatchadError("--resume: only with --ray")
     if args.engine is not None and args.ray is not None:
@@ -154,6 +155,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                     resume=args.resume,
                     cpus_per_task=args.cpus_per_task,
                     on_progress=bar.update,
+                    outputs=outputs,
                 )
         else:
             written = write_predictions(
@@ -163,6 +165,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 sources=args.paths,
                 pixel_threshold=detector.pixel_threshold_ if detector.is_calibrated else None,
                 on_progress=bar.update,
+                outputs=outputs,
             )
     status = EXIT_OK
     if written.flagged is not None:

@@ -198,6 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip-bad", action="store_true", help="skip unreadable images with a warning each"
     )
     predict.add_argument(
+        "--outputs",
+        metavar="A,B",
+        help="files to write, from scores,jsonl,maps,overlays,masks (default: all; masks only "
+        "when calibrated)",
+    )
+    predict.add_argument(
         "--fail-on-anomaly",
         action="store_true",
         help="exit with status 1 when any image is anomalous (needs a calibrated model)",

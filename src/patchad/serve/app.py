@@ -8,7 +8,8 @@ with the overlay PNG and the float32 map), ``GET /health``, ``GET /model``,
 ``POST /models/{name}/reload``, ``POST /models/{name}/feedback``; ``GET /metrics``
 (Prometheus) and the operator's page at ``/``. Scoring runs in each model version's
 :class:`~patchad.serve.batching.Batcher` worker thread, never on the event loop; decoding,
-overlays, encoding and model loads run in the default thread pool.
+overlays and their PNG encoding (:func:`patchad.png.encode_png`, the one ``patchad predict``
+uses) and model loads run in the default thread pool.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from patchad.errors import PatchadError
 from patchad.images import IMAGE_SUFFIXES, read_image
 from patchad.models import load_model
 from patchad.outputs import overlay_scale
+from patchad.png import CORES, encode_png
 from patchad.prediction import Prediction
 from patchad.serve.batching import Batcher, QueueFull
 from patchad.serve.drift import DriftSettings
@@ -145,9 +147,9 @@ def _save_uploads(folder: Path, uploads: Sequence[tuple[str, bytes]]) -> list[st
 
 
 def _png(image: Any) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    """Base64 PNG of ``image``, by the encoder of ``patchad predict``'s overlays (the same
+    bytes), its strips compressed on every core: one answer waits for one image's encoding."""
+    return base64.b64encode(encode_png(image, threads=CORES)).decode("ascii")
 
 
 def _npy(array: np.ndarray) -> str:
