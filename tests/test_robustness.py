@@ -351,12 +351,12 @@ def test_save_killed_mid_write_keeps_previous_model(model: Path, tmp_path: Path)
     original = target.read_bytes()
     script = textwrap.dedent(
         """
-        import os, sys, time
+        import os, sys, threading
         from patchad import modelfile
         tensors, meta = modelfile.read_model(sys.argv[1])
         def slow_fsync(fd):
             print("writing", flush=True)
-            time.sleep(60)
+            threading.Event().wait()  # until the test kills this process mid-write
         os.fsync = slow_fsync
         modelfile.write_model(sys.argv[1], tensors, method=meta["method"], config=meta["config"],
                               state=meta["state"], fingerprint="new", force=True)
