@@ -16,7 +16,7 @@ from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 import patchad
 from conftest import LITE0, mvtec_category
 from holds import HANG_S
-from patchad import DETECTORS, SPADE, ConfigError, PaDiM
+from patchad import DETECTORS, SPADE, ConfigError, PaDiM, lineage
 from patchad.cli import main
 from patchad.detectors import spade as spade_module
 from patchad.detectors.padim import default_n_features
@@ -208,7 +208,11 @@ def test_save_load_round_trip(
         np.testing.assert_array_equal(x, y)
 
 
-def test_padim_seed_determinism(demo_root: Path, tmp_path: Path) -> None:
+def test_padim_seed_determinism(
+    demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the lineage records the fit's time to the second: two fits are the same bytes at one time
+    monkeypatch.setattr(lineage, "now", lambda: "2026-01-01T00:00:00+00:00")
     train = list_images(demo_root / "texture" / "train" / "good")[:6]
     settings = {"backbone": LITE0, "image_size": 64, "n_features": 30, "calibration_split": 0}
     files = []
