@@ -14,6 +14,12 @@ Usage (one command per table)::
     # away (mean brightness kept): squash at 256 vs tiles at native resolution, and the cost as
     # the tile count grows (2x2, 3x3, 4x4, 5x5 tiles)
     PYTHONPATH=src python3 benchmarks/bench_geometry.py --large --out geometry_large.md
+    # old defaults (resize=squash) against new ones (resize=auto, issue 30) per method, on a
+    # category or on generated strips of ratio R (--strips 3: 256 x 768 with 3 px cracks)
+    PYTHONPATH=src python3 benchmarks/bench_geometry.py --defaults --data ../shared/data/mtd \
+        --methods patchcore,padim,spade --out geometry_defaults_mtd.md
+    PYTHONPATH=src python3 benchmarks/bench_geometry.py --defaults --strips 3 --budget \
+        --methods patchcore,padim,spade --out geometry_defaults_strips.md
 
 In ``--large`` PatchCore keeps a 1 % coreset (``--coreset-ratio`` to change it) in every row.
 ``--methods patchcore,padim`` adds PaDiM there, but one Gaussian per (tile, position) at native
@@ -256,6 +262,47 @@ def large_table(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     return lines, notes
 
 
+def defaults_table(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """Old defaults (``resize=squash``) against new ones (``resize="auto"``) per method; with
+    ``--budget`` also PatchCore at ``image_size=auto:S`` (one H x W at about S x S pixels)."""
+    from patchad.demo_large import make_strips_dataset
+
+    data, what = args.data, Path(args.data).name
+    if args.strips:
+        if args.large_root is None:  # images in a temporary folder, removed afterwards
+            with tempfile.TemporaryDirectory(prefix="patchad_strips_") as tmp:
+                args.large_root = tmp
+                return defaults_table(args)
+        folder = Path(args.large_root) / "strips"
+        if not folder.exists():
+            make_strips_dataset(args.large_root, ratio=args.strips)
+        data = str(folder)
+        what = f"generated strips 256 x {round(256 * args.strips)} (1:{args.strips:g}), 3 px cracks"
+    lines = [f"# data: {what}\n", f"method | defaults | geometry | {COLUMNS[0]}"]
+    lines.append(f"---|---|---|{COLUMNS[1]}")
+    notes, size = [], args.image_size
+    for method in args.methods.split(","):
+        rows = [("old", {"image_size": size, "resize": "squash"}), ("new", {"image_size": size})]
+        if args.budget and method == "patchcore":
+            rows.append((f"budget auto:{size}", {"image_size": f"auto:{size}"}))
+        scores = {}
+        for label, settings in rows:
+            settings = with_ratio(method, settings, args.coreset_ratio)
+            result = run(
+                {"data": data, "method": method, "settings": settings, "limit": args.limit}
+            )
+            geometry = (result.get("describe") or ["?"])[0].split(";")[0].removeprefix("geometry: ")
+            lines.append(table_row(f"{method} | {label} | {geometry}", result))
+            print(lines[-1], flush=True)
+            notes.append(f"# {method} {label} {settings}: " + _described(result))
+            if "rows" in result:
+                scores[label] = result["rows"][0]["scores"]
+        if "old" in scores and "new" in scores:
+            same = scores["old"] == scores["new"]
+            notes.append(f"# {method}: new default scores equal old exactly: {same}")
+    return lines, notes
+
+
 def _described(result: dict) -> str:
     return "; ".join(result.get("describe", [])) or result.get("refused", "")
 
@@ -282,6 +329,9 @@ def main() -> None:
     parser.add_argument("--large-counts", default="10,4,6", help="train,good test,defect test")
     parser.add_argument("--large-root", default=None, help="keep (or reuse) the images here")
     parser.add_argument("--tiles-per-side", default="2,3,4,5")
+    parser.add_argument("--defaults", action="store_true", help="old vs new default geometry")
+    parser.add_argument("--strips", type=float, default=None, help="generated strips of 1:R")
+    parser.add_argument("--budget", action="store_true", help="also PatchCore at auto:S")
     parser.add_argument("--out", default=None, help="file name under benchmarks/results/")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -292,6 +342,8 @@ def main() -> None:
         lines, notes = scale_table(args)
     elif args.large:
         lines, notes = large_table(args)
+    elif args.defaults:
+        lines, notes = defaults_table(args)
     else:
         lines, notes = variants_table(args)
     if args.limit:
