@@ -197,3 +197,20 @@ def test_strips_category_layout(tmp_path: Path) -> None:
 def test_one_shape_methods_are_marked() -> None:
     assert PaDiM.one_training_shape
     assert not PatchCore.one_training_shape
+
+
+def test_sharded_fits_use_the_choice_made_once(tmp_path: Path) -> None:
+    from patchad.sharded import fit_padim_sharded, fit_sharded
+
+    files = []
+    for s, image in enumerate(long_images()):
+        image.save(tmp_path / f"{s}.png")
+        files.append(tmp_path / f"{s}.png")
+    det = PatchCore(backbone=LITE0, image_size=64, coreset_ratio=0.5, calibration_split=0)
+    fitted = fit_sharded(det, files)
+    assert fitted.resize_ == "keep_aspect"
+    assert fitted.resolved_params()["resize"] == "keep_aspect"
+    padim = PaDiM(backbone=LITE0, image_size=64, n_features=20, calibration_split=0)
+    fitted_padim = fit_padim_sharded(padim, files, shards=2)
+    assert fitted_padim.input_size() == (32, 112)
+    assert fitted_padim.resolved_params()["image_size"] == "32x112"

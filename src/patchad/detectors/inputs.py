@@ -144,6 +144,18 @@ class InputGeometry:
         shape = list(shapes.pop()) if len(shapes) == 1 else None
         self.geometry_ = {"resize": resize, "why": why, "shape": shape}
 
+    def resolved_params(self) -> dict[str, typing.Any]:
+        """The constructor parameters with the resolved geometry written out (the resize in
+        effect; a squash's input size as ``HxW``), for workers that build their own detector
+        from them (the sharded fits): they see the images as this one does and never re-decide
+        ``resize="auto"``."""
+        params = self.get_params()
+        params["resize"] = self.resize_mode()
+        size = self.input_size()
+        if params["resize"] == "squash" and size != "native" and self.crop_size is None:
+            params["image_size"] = f"{size[0]}x{size[1]}"
+        return params
+
     def fixed_input_shape(self) -> Size | None:
         """The one (height, width) every image is resized to when the model can take one
         fixed input shape (an export): the squash size, or with keep_aspect the training
