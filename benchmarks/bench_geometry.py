@@ -20,6 +20,7 @@ Usage (one command per table)::
         --methods patchcore,padim,spade --out geometry_defaults_mtd.md
     PYTHONPATH=src python3 benchmarks/bench_geometry.py --defaults --strips 3 --budget \
         --methods patchcore,padim,spade --out geometry_defaults_strips.md
+    # --resolve-only with --defaults: which geometry each default resolves to, no fit
 
 In ``--large`` PatchCore keeps a 1 % coreset (``--coreset-ratio`` to change it) in every row.
 ``--methods patchcore,padim`` adds PaDiM there, but one Gaussian per (tile, position) at native
@@ -291,6 +292,10 @@ def defaults_table(args: argparse.Namespace) -> tuple[list[str], list[str]]:
         for label, settings in rows:
             settings = with_ratio(method, settings, args.coreset_ratio)
             spec = {"data": data, "method": method, "settings": settings, "limit": args.limit}
+            if args.resolve_only:
+                lines.append(f"{method} | {label} | {resolved_geometry(spec)} | not fitted |||||")
+                print(lines[-1], flush=True)
+                continue
             same = label == "new" and args.skip_identical and same_as_squash(spec)
             result = {**last, "describe": [f"geometry: {same}"]} if same else run(spec)
             geometry = (result.get("describe") or ["?"])[0].split(";")[0].removeprefix("geometry: ")
@@ -315,18 +320,31 @@ IDENTICAL = (
 )
 
 
-def same_as_squash(spec: dict) -> str | None:
-    """The new default's resolved geometry when it is the old square squash (so its fit would
-    repeat the old row's exactly), else None; reads only the training images' headers."""
+def _resolved(spec: dict):
+    """A detector of ``spec`` with its geometry resolved on the training images' headers."""
     from patchad import DETECTORS
     from patchad.data import training_images
 
-    settings = spec["settings"]
-    det = DETECTORS[spec["method"]](backbone="tf_efficientnet_lite0", **settings)
+    det = DETECTORS[spec["method"]](backbone="tf_efficientnet_lite0", **spec["settings"])
     det._validate()
     train = training_images(spec["data"])[: spec.get("limit")]
     det._resolve_geometry(det.image_sizes(train))
-    side = settings["image_size"]
+    return det
+
+
+def resolved_geometry(spec: dict) -> str:
+    """``resize`` and input size a fit of ``spec`` would use, and why (no image decoded)."""
+    det = _resolved(spec)
+    size = det.input_size()
+    text = f"{det.resize_} {size[0]}x{size[1]}" if size != "native" else f"{det.resize_} native"
+    return f"{text} ({det.geometry_['why']})" if det.geometry_["why"] else text
+
+
+def same_as_squash(spec: dict) -> str | None:
+    """The new default's resolved geometry when it is the old square squash (so its fit would
+    repeat the old row's exactly), else None; reads only the training images' headers."""
+    det = _resolved(spec)
+    side = spec["settings"]["image_size"]
     if det.resize_ != "squash" or tuple(det.input_size_) != (side, side):
         return None
     return f"squash ({det.geometry_['why']}), {side}x{side}"
@@ -361,6 +379,11 @@ def main() -> None:
     parser.add_argument("--defaults", action="store_true", help="old vs new default geometry")
     parser.add_argument("--strips", type=float, default=None, help="generated strips of 1:R")
     parser.add_argument("--budget", action="store_true", help="also PatchCore at auto:S")
+    parser.add_argument(
+        "--resolve-only",
+        action="store_true",
+        help="with --defaults: print each row's resolved geometry, fit nothing",
+    )
     parser.add_argument(
         "--skip-identical",
         action="store_true",

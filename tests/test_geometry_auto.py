@@ -183,6 +183,8 @@ def test_export_of_an_automatic_keep_aspect_model(long_fit: PatchCore, tmp_path:
 
     with pytest.raises(PatchadError, match="training inputs of several shapes"):
         export_onnx(mixed, tmp_path / "mixed.onnx")
+    with pytest.raises(PatchadError, match="training inputs of several shapes"):
+        export_onnx(long_fit.rescaled(96), tmp_path / "rescaled.onnx")
 
 
 def test_strips_category_layout(tmp_path: Path) -> None:

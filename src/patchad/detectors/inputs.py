@@ -224,6 +224,8 @@ class InputGeometry:
             other.__dict__.pop(name, None)
         other.image_size = image_size
         other.input_size_ = size
+        if hasattr(self, "geometry_"):  # the training input shape is not this copy's
+            other.geometry_ = {**self.geometry_, "shape": None}
         pre = self.preprocess_
         other.preprocess_ = Preprocess(
             size, None, pre.mean, pre.std, self.resize_mode(), self.max_stride()
