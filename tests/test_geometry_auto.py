@@ -138,11 +138,11 @@ def test_one_shape_methods_get_one_hxw_at_the_median_ratio(method: str) -> None:
     det = DETECTORS[method](backbone=LITE0, image_size=64, calibration_split=0)
     line = det.describe_fit(long_images())[0]
     assert line.startswith(
-        "geometry: squash (median aspect 3.00:1 > 1.5:1: one HxW at that ratio), 32x112"
+        "geometry: squash (median aspect 3.00:1 > 1.5:1: one HxW at that ratio), 64x192"
     )
     det._resolve_geometry(det.image_sizes(long_images()))
     assert det.resize_ == "squash"
-    assert det.input_size_ == (32, 112)
+    assert det.input_size_ == (64, 192)
 
 
 def test_cli_fit_prints_the_choice(tmp_path: Path, capsys) -> None:
@@ -157,8 +157,8 @@ def test_cli_fit_prints_the_choice(tmp_path: Path, capsys) -> None:
     sets = ["--backbone", LITE0, "--set", "image_size=64", "--set", "n_features=20"]
     assert main([*args, *sets, "--set", "calibration_split=0"]) == 0
     err = capsys.readouterr().err
-    assert "geometry: squash (median aspect 3.00:1 > 1.5:1: one HxW at that ratio), 32x112" in err
-    assert load(out).input_size() == (32, 112)
+    assert "geometry: squash (median aspect 3.00:1 > 1.5:1: one HxW at that ratio), 64x192" in err
+    assert load(out).input_size() == (64, 192)
     assert load(out).geometry_["resize"] == "squash"
 
 
@@ -214,5 +214,5 @@ def test_sharded_fits_use_the_choice_made_once(tmp_path: Path) -> None:
     assert fitted.resolved_params()["resize"] == "keep_aspect"
     padim = PaDiM(backbone=LITE0, image_size=64, n_features=20, calibration_split=0)
     fitted_padim = fit_padim_sharded(padim, files, shards=2)
-    assert fitted_padim.input_size() == (32, 112)
-    assert fitted_padim.resolved_params()["image_size"] == "32x112"
+    assert fitted_padim.input_size() == (64, 192)
+    assert fitted_padim.resolved_params()["image_size"] == "64x192"

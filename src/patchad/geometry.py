@@ -140,7 +140,7 @@ def auto_resize(sizes: Sequence[Size], one_shape: bool) -> tuple[str, str]:
     shape (PatchCore), keep_aspect when the median ``s_i`` exceeds :data:`AUTO_MAX_STRETCH`:
     each image then keeps its own proportions, whatever their spread. Methods that need one
     training shape (``one_shape``: PaDiM, SPADE) get one H x W at the median aspect ratio W / H
-    instead (``"keep_aspect"`` here means that shape; see :func:`auto_size`), when that ratio
+    instead (``"keep_aspect"`` here means that shape; see :func:`short_side_size`), when that ratio
     itself stretches by more than the factor (the median of log W / H, so that an even split of
     orientations gives 1): a set of both orientations, which no single shape improves on, keeps
     the square.
@@ -148,7 +148,7 @@ def auto_resize(sizes: Sequence[Size], one_shape: bool) -> tuple[str, str]:
     if not sizes:
         return "squash", "no training image sizes"
     if one_shape:
-        ratio = math.exp(float(np.median([math.log(w / h) for h, w in sizes])))
+        ratio = median_ratio(sizes)
         typical = max(ratio, 1 / ratio)
         what = "median aspect"
     else:
@@ -157,6 +157,19 @@ def auto_resize(sizes: Sequence[Size], one_shape: bool) -> tuple[str, str]:
     if typical > AUTO_MAX_STRETCH:
         return "keep_aspect", f"{what} {typical:.2f}:1 > {AUTO_MAX_STRETCH:g}:1"
     return "squash", f"{what} {typical:.2f}:1 <= {AUTO_MAX_STRETCH:g}:1"
+
+
+def median_ratio(sizes: Sequence[Size]) -> float:
+    """The median aspect ratio W / H of ``sizes``, taken over log W / H (so that an even split
+    between both orientations gives 1)."""
+    return math.exp(float(np.median([math.log(w / h) for h, w in sizes])))
+
+
+def short_side_size(ratio: float, side: int, stride: int) -> Size:
+    """One fixed H x W at aspect ratio ``ratio`` (W / H) whose shorter side is ``side``: what
+    ``keep_aspect`` gives an image of that ratio (:func:`target_size`)."""
+    width = 1_000_000
+    return target_size(round(width / ratio), width, (side, side), "keep_aspect", stride)
 
 
 def target_size(height: int, width: int, image_size: Size | str, resize: str, stride: int) -> Size:

@@ -23,8 +23,10 @@ from patchad.geometry import (
     auto_resize,
     auto_side,
     auto_size,
+    median_ratio,
     parse_fixed_size,
     parse_image_size,
+    short_side_size,
     tile_boxes,
 )
 from patchad.loading import ImageLike, Images, as_items, image_dims
@@ -135,7 +137,11 @@ class InputGeometry:
             if why is None:
                 resize, why = auto_resize(known, self.one_training_shape)
         if resize == "keep_aspect" and self.one_training_shape and self.resize == "auto":
-            resize, size = "squash", f"auto:{size[0]}"  # one H x W at the median ratio
+            # one H x W at the median ratio, short side image_size (keep_aspect's resolution)
+            resize, size = (
+                "squash",
+                short_side_size(median_ratio(known), size[0], self.max_stride()),
+            )
             why += ": one HxW at that ratio"
         if isinstance(size, str) and size != "native":
             size = auto_size(known, auto_side(size), self.max_stride())

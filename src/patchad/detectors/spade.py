@@ -57,8 +57,8 @@ class SPADE(Detector):
         normalization: input mean/std: ``"backbone"`` (its pretrained config, the default) or
             ``"imagenet"`` (ImageNet's, as anomalib uses for every backbone).
         resize: ``"auto"`` (the default: at fit, one H x W at the training images' median
-            aspect ratio, about ``image_size`` squared pixels, when that ratio exceeds 1.5:1,
-            else the square; see :func:`patchad.geometry.auto_resize`), ``"squash"`` (to
+            aspect ratio, shorter side ``image_size``, when that ratio exceeds 1.5:1, else the
+            square; see :func:`patchad.geometry.auto_resize`), ``"squash"`` (to
             ``image_size`` exactly) or ``"keep_aspect"`` (the shorter side to ``image_size``,
             the longer in proportion; see :func:`patchad.geometry.target_size`).
         tile_size: cut each resized input into overlapping tiles of this many pixels, each a
