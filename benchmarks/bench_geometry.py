@@ -69,8 +69,8 @@ COLUMNS = (
 
 def settings_for(method: str, variant: str, image_size: int, tile_size: int) -> dict:
     """Detector parameters of one (method, variant) row."""
-    if variant == "squash":
-        return {"image_size": image_size}
+    if variant == "squash":  # explicit: the default (resize=auto) may keep the aspect
+        return {"image_size": image_size, "resize": "squash"}
     if variant not in ("keep_aspect", "tiled"):
         raise SystemExit(f"unknown variant {variant!r}: squash, keep_aspect or tiled")
     if method in ONE_SHAPE:
@@ -247,7 +247,7 @@ def large_table(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     ]
     notes = []
     for method in args.methods.split(","):
-        rows = [("squash 256", {"image_size": 256}, 1)]
+        rows = [("squash 256", {"image_size": 256, "resize": "squash"}, 1)]
         for k in (int(x) for x in args.tiles_per_side.split(",")):
             tile = tile_for(args.large_size, k, 0.25)
             tiles = len(tile_starts(args.large_size, tile, 0.25)) ** 2
