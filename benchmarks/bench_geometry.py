@@ -14,6 +14,13 @@ Usage (one command per table)::
     # away (mean brightness kept): squash at 256 vs tiles at native resolution, and the cost as
     # the tile count grows (2x2, 3x3, 4x4, 5x5 tiles)
     PYTHONPATH=src python3 benchmarks/bench_geometry.py --large --out geometry_large.md
+    # old defaults (resize=squash) against new ones (resize=auto, issue 30) per method, on a
+    # category or on generated strips of ratio R (--strips 3: 256 x 768 with 3 px cracks)
+    PYTHONPATH=src python3 benchmarks/bench_geometry.py --defaults --data ../shared/data/mtd \
+        --methods patchcore,padim,spade --out geometry_defaults_mtd.md
+    PYTHONPATH=src python3 benchmarks/bench_geometry.py --defaults --strips 3 --budget \
+        --methods patchcore,padim,spade --out geometry_defaults_strips.md
+    # --resolve-only with --defaults: which geometry each default resolves to, no fit
 
 In ``--large`` PatchCore keeps a 1 % coreset (``--coreset-ratio`` to change it) in every row.
 ``--methods patchcore,padim`` adds PaDiM there, but one Gaussian per (tile, position) at native
@@ -62,8 +69,8 @@ COLUMNS = (
 
 def settings_for(method: str, variant: str, image_size: int, tile_size: int) -> dict:
     """Detector parameters of one (method, variant) row."""
-    if variant == "squash":
-        return {"image_size": image_size}
+    if variant == "squash":  # explicit: the default (resize=auto) may keep the aspect
+        return {"image_size": image_size, "resize": "squash"}
     if variant not in ("keep_aspect", "tiled"):
         raise SystemExit(f"unknown variant {variant!r}: squash, keep_aspect or tiled")
     if method in ONE_SHAPE:
@@ -240,7 +247,7 @@ def large_table(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     ]
     notes = []
     for method in args.methods.split(","):
-        rows = [("squash 256", {"image_size": 256}, 1)]
+        rows = [("squash 256", {"image_size": 256, "resize": "squash"}, 1)]
         for k in (int(x) for x in args.tiles_per_side.split(",")):
             tile = tile_for(args.large_size, k, 0.25)
             tiles = len(tile_starts(args.large_size, tile, 0.25)) ** 2
@@ -254,6 +261,93 @@ def large_table(args: argparse.Namespace) -> tuple[list[str], list[str]]:
             print(lines[-1], flush=True)
             notes.append(f"# {method} {settings}: " + _described(result))
     return lines, notes
+
+
+def defaults_table(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """Old defaults (``resize=squash``) against new ones (``resize="auto"``) per method; with
+    ``--budget`` also PatchCore at ``image_size=auto:S`` (one H x W at about S x S pixels)."""
+    from patchad.demo_large import make_strips_dataset
+
+    data, what = args.data, Path(args.data).name
+    if args.strips:
+        if args.large_root is None:  # images in a temporary folder, removed afterwards
+            with tempfile.TemporaryDirectory(prefix="patchad_strips_") as tmp:
+                args.large_root = tmp
+                return defaults_table(args)
+        folder = Path(args.large_root) / "strips"
+        if not folder.exists():
+            make_strips_dataset(args.large_root, ratio=args.strips)
+        data = str(folder)
+        what = f"generated strips 256 x {round(256 * args.strips)} (1:{args.strips:g}), 3 px cracks"
+    lines = [f"# data: {what}\n", f"method | defaults | geometry | {COLUMNS[0]}"]
+    lines.append(f"---|---|---|{COLUMNS[1]}")
+    notes, size = [], args.image_size
+    for method in args.methods.split(","):
+        rows = [("old", {"image_size": size, "resize": "squash"}), ("new", {"image_size": size})]
+        if args.budget and method == "patchcore":
+            rows.append((f"budget auto:{size}", {"image_size": f"auto:{size}"}))
+        scores: dict = {}
+        last: dict = {}
+        skipped = False
+        for label, settings in rows:
+            settings = with_ratio(method, settings, args.coreset_ratio)
+            spec = {"data": data, "method": method, "settings": settings, "limit": args.limit}
+            if args.resolve_only:
+                lines.append(f"{method} | {label} | {resolved_geometry(spec)} | not fitted |||||")
+                print(lines[-1], flush=True)
+                continue
+            same = label == "new" and args.skip_identical and same_as_squash(spec)
+            result = {**last, "describe": [f"geometry: {same}"]} if same else run(spec)
+            geometry = (result.get("describe") or ["?"])[0].split(";")[0].removeprefix("geometry: ")
+            lines.append(table_row(f"{method} | {label} | {geometry}", result))
+            print(lines[-1], flush=True)
+            notes.append(f"# {method} {label} {settings}: " + _described(result))
+            if same:
+                skipped = True
+                notes.append(f"# {method} new: not fitted again, {IDENTICAL}")
+            if "rows" in result:
+                scores[label] = result["rows"][0]["scores"]
+            last = result
+        if "old" in scores and "new" in scores and not skipped:
+            same = scores["old"] == scores["new"]
+            notes.append(f"# {method}: new default scores equal old exactly: {same}")
+    return lines, notes
+
+
+IDENTICAL = (
+    "resize=auto resolved to the squash at image_size x image_size: the same preprocessing, "
+    "backbone inputs and fit as the old row, so the old row's scores (--skip-identical)"
+)
+
+
+def _resolved(spec: dict):
+    """A detector of ``spec`` with its geometry resolved on the training images' headers."""
+    from patchad import DETECTORS
+    from patchad.data import training_images
+
+    det = DETECTORS[spec["method"]](backbone="tf_efficientnet_lite0", **spec["settings"])
+    det._validate()
+    train = training_images(spec["data"])[: spec.get("limit")]
+    det._resolve_geometry(det.image_sizes(train))
+    return det
+
+
+def resolved_geometry(spec: dict) -> str:
+    """``resize`` and input size a fit of ``spec`` would use, and why (no image decoded)."""
+    det = _resolved(spec)
+    size = det.input_size()
+    text = f"{det.resize_} {size[0]}x{size[1]}" if size != "native" else f"{det.resize_} native"
+    return f"{text} ({det.geometry_['why']})" if det.geometry_["why"] else text
+
+
+def same_as_squash(spec: dict) -> str | None:
+    """The new default's resolved geometry when it is the old square squash (so its fit would
+    repeat the old row's exactly), else None; reads only the training images' headers."""
+    det = _resolved(spec)
+    side = spec["settings"]["image_size"]
+    if det.resize_ != "squash" or tuple(det.input_size_) != (side, side):
+        return None
+    return f"squash ({det.geometry_['why']}), {side}x{side}"
 
 
 def _described(result: dict) -> str:
@@ -282,6 +376,19 @@ def main() -> None:
     parser.add_argument("--large-counts", default="10,4,6", help="train,good test,defect test")
     parser.add_argument("--large-root", default=None, help="keep (or reuse) the images here")
     parser.add_argument("--tiles-per-side", default="2,3,4,5")
+    parser.add_argument("--defaults", action="store_true", help="old vs new default geometry")
+    parser.add_argument("--strips", type=float, default=None, help="generated strips of 1:R")
+    parser.add_argument("--budget", action="store_true", help="also PatchCore at auto:S")
+    parser.add_argument(
+        "--resolve-only",
+        action="store_true",
+        help="with --defaults: print each row's resolved geometry, fit nothing",
+    )
+    parser.add_argument(
+        "--skip-identical",
+        action="store_true",
+        help="with --defaults: reuse the old row when the new default resolves to the same squash",
+    )
     parser.add_argument("--out", default=None, help="file name under benchmarks/results/")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -292,6 +399,8 @@ def main() -> None:
         lines, notes = scale_table(args)
     elif args.large:
         lines, notes = large_table(args)
+    elif args.defaults:
+        lines, notes = defaults_table(args)
     else:
         lines, notes = variants_table(args)
     if args.limit:

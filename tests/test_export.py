@@ -456,14 +456,15 @@ def test_onnxruntime_missing(exported, demo_root: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "geometry", [{"resize": "keep_aspect"}, {"tile_size": 32}], ids=["keep_aspect", "tiled"]
+    "geometry", [{"image_size": "native"}, {"tile_size": 32}], ids=["native", "tiled"]
 )
 def test_export_refuses_a_per_image_geometry(
     demo_root: Path, tmp_path: Path, geometry: dict
 ) -> None:
-    det = PatchCore(
-        backbone=LITE0, image_size=64, coreset_ratio=0.25, calibration_split=0, **geometry
-    )
+    """A keep_aspect model of one training shape exports at that shape
+    (tests/test_geometry_auto.py); native size and tiles cannot be one ONNX input shape."""
+    settings = {"image_size": 64, **geometry}
+    det = PatchCore(backbone=LITE0, coreset_ratio=0.25, calibration_split=0, **settings)
     det.fit(sorted((demo_root / "object" / "train" / "good").glob("*.png"))[:4])
     with pytest.raises(PatchadError, match="export: "):
         export_onnx(det, tmp_path / "m.onnx")

@@ -412,7 +412,9 @@ def test_old_model_files_keep_working(fitted, tmp_path: Path) -> None:
 # ---------------------------------------------------------------- awkward inputs
 def test_strip_1xn_and_huge_image(tmp_path: Path) -> None:
     train = [texture(40, 90, s) for s in range(3)]
-    det = PatchCore(backbone=LITE0, image_size=32, coreset_ratio=0.5, calibration_split=0)
+    det = PatchCore(
+        backbone=LITE0, image_size=32, resize="squash", coreset_ratio=0.5, calibration_split=0
+    )
     det.fit(train)
     strip = Image.fromarray(np.full((1, 500, 3), 128, dtype=np.uint8))
     assert det.predict([strip]).maps[0].shape == (1, 500)

@@ -208,23 +208,25 @@ def input_size(detector: Any) -> tuple[int, int]:
 
     Raises:
         PatchadError: the preprocessing cannot be expressed as one fixed-size input per image
-            (tiling, ``keep_aspect``, ``native``: the input shape depends on each image).
+            (tiling, ``native``, ``keep_aspect`` on training images of several shapes: the
+            input shape depends on each image). A ``keep_aspect`` model whose training inputs
+            had one shape (e.g. strips chosen by ``resize="auto"``) exports at that shape: the
+            runtime resizes every image to it, the model's own input for images of that ratio.
     """
     if getattr(detector, "tile_size", None) is not None:
         raise PatchadError("export: tiled models cannot be exported yet (one input per image)")
-    if getattr(detector, "needs_sizes", False):
-        raise PatchadError(
-            "export: this model's input shape depends on each image (resize=keep_aspect, "
-            "image_size=native): not exportable yet; fit with resize=squash and "
-            "image_size=HxW to export"
-        )
     pre = detector.preprocess_
     if pre.crop_size:
         return int(pre.crop_size), int(pre.crop_size)
-    size = pre.image_size
-    if isinstance(size, int):
-        return size, size
-    return int(size[0]), int(size[1])
+    shape = detector.fixed_input_shape()
+    if shape is None:
+        raise PatchadError(
+            f"export: this model's input shape depends on each image (resize="
+            f"{detector.resize_mode()}, image_size={detector.image_size}, training inputs of "
+            "several shapes): one ONNX input shape cannot hold it; fit with resize=squash and "
+            "image_size=HxW to export"
+        )
+    return int(shape[0]), int(shape[1])
 
 
 def export_metadata(detector: Any, external: dict[str, Any] | None) -> dict[str, Any]:
@@ -250,9 +252,7 @@ def export_metadata(detector: Any, external: dict[str, Any] | None) -> dict[str,
         "input": {"name": "images", "dtype": "uint8", "layout": "NCHW", "channels": "RGB"},
         "outputs": ["scores", "maps"],
         "preprocess": {
-            "image_size": pre.image_size
-            if isinstance(pre.image_size, int)
-            else list(pre.image_size),
+            "image_size": pre.image_size if pre.crop_size else [height, width],
             "crop_size": pre.crop_size,
             "mean": list(pre.mean),
             "std": list(pre.std),
@@ -266,6 +266,7 @@ def export_metadata(detector: Any, external: dict[str, Any] | None) -> dict[str,
         "calibration": calibration,
         "model_id": detector.model_id(),
         "lineage": getattr(detector, "lineage_", None),
+        "geometry": getattr(detector, "geometry_", None),
         "learned": {
             name: list(getattr(detector, name).shape)
             for name in (*detector.learned_tensors, *detector.optional_tensors)

@@ -18,6 +18,14 @@ Size = tuple[int, int]
 Box = tuple[int, int, int, int]
 
 RESIZE_MODES = ("squash", "keep_aspect")
+#: ``resize`` values a detector accepts: ``auto`` picks one of :data:`RESIZE_MODES` at fit.
+RESIZE_CHOICES = ("auto", *RESIZE_MODES)
+#: ``resize="auto"`` keeps the proportions when a squash would stretch the median training image
+#: by more than this factor (long side over short side). The backbone was pretrained with
+#: random crops of aspect ratio 3/4 to 4/3 resized to a square, so it has seen stretches up to
+#: 4/3 and not beyond; on 4:3 images keep_aspect bought little for 1.8x the fit time, and on
+#: strips of 2.5:1 and 3:1 a large gain (docs/geometry.md). 3:2 is the next common ratio.
+AUTO_MAX_STRETCH = 1.5
 #: ``image_size`` words: ``auto`` picks H x W at fit time, ``native`` keeps each image's size.
 SIZE_WORDS = ("auto", "native")
 #: Pixel count ``image_size="auto"`` keeps, unless written ``auto:N`` (N x N pixels).
@@ -117,6 +125,51 @@ def auto_size(sizes: Sequence[Size], side: int, stride: int) -> Size:
     ratio = float(np.median([w / h for h, w in sizes]))
     height = side / math.sqrt(ratio)
     return round_to(height, stride), round_to(height * ratio, stride)
+
+
+def stretch(size: Size) -> float:
+    """How much a squash to a square distorts an image of ``(height, width)``: long over short."""
+    height, width = size
+    return max(height, width) / min(height, width)
+
+
+def auto_resize(sizes: Sequence[Size], one_shape: bool) -> tuple[str, str]:
+    """``resize="auto"``: ``("keep_aspect" or "squash", why)`` for training images of ``sizes``.
+
+    The squash stretches image i by ``s_i`` (:func:`stretch`). For methods that score any input
+    shape (PatchCore), keep_aspect when the median ``s_i`` exceeds :data:`AUTO_MAX_STRETCH`:
+    each image then keeps its own proportions, whatever their spread. Methods that need one
+    training shape (``one_shape``: PaDiM, SPADE) get one H x W at the median aspect ratio W / H
+    instead (``"keep_aspect"`` here means that shape; see :func:`short_side_size`), when that ratio
+    itself stretches by more than the factor (the median of log W / H, so that an even split of
+    orientations gives 1): a set of both orientations, which no single shape improves on, keeps
+    the square.
+    """
+    if not sizes:
+        return "squash", "no training image sizes"
+    if one_shape:
+        ratio = median_ratio(sizes)
+        typical = max(ratio, 1 / ratio)
+        what = "median aspect"
+    else:
+        typical = float(np.median([stretch(s) for s in sizes]))
+        what = "median stretch"
+    if typical > AUTO_MAX_STRETCH:
+        return "keep_aspect", f"{what} {typical:.2f}:1 > {AUTO_MAX_STRETCH:g}:1"
+    return "squash", f"{what} {typical:.2f}:1 <= {AUTO_MAX_STRETCH:g}:1"
+
+
+def median_ratio(sizes: Sequence[Size]) -> float:
+    """The median aspect ratio W / H of ``sizes``, taken over log W / H (so that an even split
+    between both orientations gives 1)."""
+    return math.exp(float(np.median([math.log(w / h) for h, w in sizes])))
+
+
+def short_side_size(ratio: float, side: int, stride: int) -> Size:
+    """One fixed H x W at aspect ratio ``ratio`` (W / H) whose shorter side is ``side``: what
+    ``keep_aspect`` gives an image of that ratio (:func:`target_size`)."""
+    width = 1_000_000
+    return target_size(round(width / ratio), width, (side, side), "keep_aspect", stride)
 
 
 def target_size(height: int, width: int, image_size: Size | str, resize: str, stride: int) -> Size:

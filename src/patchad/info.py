@@ -25,7 +25,9 @@ def model_info(path: str | os.PathLike[str]) -> dict[str, Any]:
     Returns:
         ``file``, ``sha256``, ``type`` (``"safetensors"`` or ``"onnx"``), ``model_id``,
         ``method``, ``backbone``, ``layers``, ``fingerprint``, ``geometry`` (image_size,
-        resize, crop_size, tile_size, input_size), ``calibration`` (fpr, thresholds, how many
+        resize (the one in effect: chosen at fit for ``resize="auto"``), resize_setting (the
+        parameter), why (the automatic choice's reason, or None), crop_size, tile_size,
+        input_size), ``calibration`` (fpr, thresholds, how many
         scores; None when not calibrated), ``size`` (what the method's model holds), ``shapes``
         (learned tensors' shapes), ``lineage`` (see :mod:`patchad.lineage`; None when not
         recorded) and ``patchad_version`` (of the writer).
@@ -41,7 +43,11 @@ def model_info(path: str | os.PathLike[str]) -> dict[str, Any]:
         config = dict(meta.get("config") or {})
         calibration = meta.get("calibration")
         shapes = {k: list(v) for k, v in (meta.get("learned") or {}).items()}
-        state = {"input_size": meta.get("input_size"), "lineage": meta.get("lineage")}
+        state = {
+            "input_size": meta.get("input_size"),
+            "lineage": meta.get("lineage"),
+            "geometry": meta.get("geometry"),
+        }
         layers = meta.get("layers")
         calib = None
         if calibration:
@@ -76,7 +82,9 @@ def model_info(path: str | os.PathLike[str]) -> dict[str, Any]:
         "fingerprint": meta.get("fingerprint"),
         "geometry": {
             "image_size": config.get("image_size"),
-            "resize": config.get("resize", "squash"),
+            "resize": (state.get("geometry") or {}).get("resize", config.get("resize", "squash")),
+            "resize_setting": config.get("resize", "squash"),
+            "why": (state.get("geometry") or {}).get("why"),
             "crop_size": config.get("crop_size"),
             "tile_size": config.get("tile_size"),
             "input_size": state.get("input_size"),
@@ -105,12 +113,15 @@ def describe(info: dict[str, Any]) -> list[str]:
     geometry = info["geometry"]
     shape = geometry["input_size"]
     size = "x".join(str(v) for v in shape) if isinstance(shape, list) else shape
+    chosen = ""
+    if geometry.get("resize_setting") == "auto":
+        chosen = f" (resize=auto: {geometry.get('why') or 'chosen at fit'})"
     lines = [
         f"file: {info['file']} ({info['type']}, sha256 {info['sha256']})",
         f"method: {info['method']}",
         f"backbone: {info['backbone']} (layers {', '.join(info['layers'] or []) or 'default'}; "
         f"weights fingerprint {info['fingerprint']})",
-        f"geometry: image_size {geometry['image_size']}, resize {geometry['resize']}, crop "
+        f"geometry: image_size {geometry['image_size']}, resize {geometry['resize']}{chosen}, crop "
         f"{geometry['crop_size']}, tiles {geometry['tile_size']}; input {size}",
     ]
     calib = info["calibration"]

@@ -189,10 +189,11 @@ def fit_sharded(
     else:
         train, calib = detector.split_calibration(images)
     detector._check_resources(len(train))
+    detector._resolve_geometry(detector.image_sizes(train))  # once, here; shards never re-decide
     plan = plan_shards(detector, len(train))
     if say is not None:
         say(plan.describe(workers))
-    params = detector.get_params()
+    params = detector.resolved_params()
     jobs = [
         (params, [Path(p) for p in train[a:b]], k)
         for a, b, k in zip(plan.bounds, plan.bounds[1:], plan.take, strict=False)
@@ -260,7 +261,8 @@ def fit_padim_sharded(
             f"each returns its sums ({positions:,} positions x {d} x {d}, "
             f"{positions * d * (d + 1) * 4 / MB:.0f} MiB) (+ backbone and runtime)"
         )
-    params = detector.get_params()
+    detector._resolve_geometry(detector.image_sizes(train))  # once, here; shards never re-decide
+    params = detector.resolved_params()
     jobs = [(params, [Path(p) for p in train[a:b]]) for a, b in itertools.pairwise(bounds)]
     parts = [m for m in runner(padim_moments, jobs) if m is not None]
     if not parts:

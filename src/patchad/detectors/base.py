@@ -86,7 +86,7 @@ class Detector(InputGeometry):
         calibration_split: float = 0.1,
         fpr: float = 0.01,
         normalization: str = "backbone",
-        resize: str = "squash",
+        resize: str = "auto",
         tile_size: int | None = None,
         tile_overlap: float = 0.25,
     ) -> None:
@@ -168,7 +168,7 @@ class Detector(InputGeometry):
             self.extractor_.std,
         )
         self.preprocess_ = Preprocess(
-            self.input_size(), self.crop_size, mean, std, self.resize, self.max_stride()
+            self.input_size(), self.crop_size, mean, std, self.resize_mode(), self.max_stride()
         )
 
     def features(self, images: Tensor) -> list[Tensor]:
@@ -260,9 +260,10 @@ class Detector(InputGeometry):
             train, calib = as_items(images), as_items(calibration)
         else:
             train, calib = self.split_calibration(images)
-        self.__dict__.pop("input_size_", None)
+        for name in self.resolved_geometry:
+            self.__dict__.pop(name, None)
         sizes = self.image_sizes(train)
-        self.input_size_ = self._resolve_size(sizes)
+        self._resolve_geometry(sizes)  # resize="auto" is decided here, once
         self._fit_inputs = self.plan_inputs(sizes)
         self._fit_views = self.plan_views(sizes)
         self._check_views(self._fit_views, self._fit_inputs)
@@ -550,6 +551,8 @@ class Detector(InputGeometry):
             state = {**state, "n_train": self.n_train_}
         size = self.input_size()
         state = {**state, "input_size": size if isinstance(size, str) else list(size)}
+        if hasattr(self, "geometry_"):  # the resolved resize, why, and the one input shape
+            state = {**state, "geometry": self.geometry_}
         if self.is_calibrated:
             tensors.update({name: getattr(self, name) for name in self.calibration_tensors})
             state = {

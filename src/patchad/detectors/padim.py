@@ -92,9 +92,11 @@ class PaDiM(Detector):
         fpr: chosen false-alarm rate for the calibrated image and pixel thresholds.
         normalization: input mean/std: ``"backbone"`` (its pretrained config, the default) or
             ``"imagenet"`` (ImageNet's, as anomalib uses for every backbone).
-        resize: ``"squash"`` (to ``image_size`` exactly, the default) or ``"keep_aspect"`` (the
-            shorter side to ``image_size``, the longer in proportion; see
-            :func:`patchad.geometry.target_size`).
+        resize: ``"auto"`` (the default: at fit, one H x W at the training images' median
+            aspect ratio, shorter side ``image_size``, when that ratio exceeds 1.5:1, else the
+            square; see :func:`patchad.geometry.auto_resize`), ``"squash"`` (to
+            ``image_size`` exactly) or ``"keep_aspect"`` (the shorter side to ``image_size``,
+            the longer in proportion; see :func:`patchad.geometry.target_size`).
         tile_size: cut each resized input into overlapping tiles of this many pixels, each a
             backbone input with its own Gaussians; maps are stitched with a smooth window
             (None = no tiling).
@@ -113,6 +115,7 @@ class PaDiM(Detector):
     """
 
     method = "padim"
+    one_training_shape = True
     any_input_size = False
     default_strides = (4, 8, 16)
     learned_tensors = ("mean_", "inv_cov_", "channel_index_")
@@ -134,7 +137,7 @@ class PaDiM(Detector):
         calibration_split: float = 0.1,
         fpr: float = 0.01,
         normalization: str = "backbone",
-        resize: str = "squash",
+        resize: str = "auto",
         tile_size: int | None = None,
         tile_overlap: float = 0.25,
         updatable: bool = True,

@@ -88,8 +88,10 @@ class PatchCore(Detector):
         fpr: chosen false-alarm rate for the calibrated image and pixel thresholds.
         normalization: input mean/std: ``"backbone"`` (its pretrained config, the default) or
             ``"imagenet"`` (ImageNet's, as anomalib uses for every backbone).
-        resize: ``"squash"`` (to ``image_size`` exactly, the default) or ``"keep_aspect"`` (the
-            shorter side to ``image_size``, the longer in proportion; see
+        resize: ``"auto"`` (the default: at fit, ``"keep_aspect"`` when a squash would stretch
+            the median training image by more than 1.5, else ``"squash"``; see
+            :func:`patchad.geometry.auto_resize`), ``"squash"`` (to ``image_size`` exactly) or
+            ``"keep_aspect"`` (the shorter side to ``image_size``, the longer in proportion; see
             :func:`patchad.geometry.target_size`).
         tile_size: cut each resized input into overlapping tiles of this many pixels, each a
             backbone input; maps are stitched with a smooth window (None = no tiling).
@@ -136,7 +138,7 @@ class PatchCore(Detector):
         calibration_split: float = 0.1,
         fpr: float = 0.01,
         normalization: str = "backbone",
-        resize: str = "squash",
+        resize: str = "auto",
         tile_size: int | None = None,
         tile_overlap: float = 0.25,
     ) -> None:

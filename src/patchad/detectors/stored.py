@@ -36,11 +36,15 @@ def load(path: str | os.PathLike[str], *, weights: str | None = None) -> Detecto
         config["layers"] = tuple(config["layers"])
     if weights is not None:
         config["weights"] = weights
+    config.setdefault("resize", "squash")  # files from before the parameter: the squash
     detector = cls(**config)
     state = dict(meta["state"])
     input_size = state.pop("input_size", None)  # absent in files made before geometry
     if input_size is not None:
         detector.input_size_ = input_size if isinstance(input_size, str) else tuple(input_size)
+    geometry = state.pop("geometry", None)  # absent before resize="auto": config's resize
+    if geometry is not None:
+        detector.geometry_, detector.resize_ = geometry, geometry["resize"]
     detector._build()
     if detector.extractor_.fingerprint != meta["fingerprint"]:
         raise PatchadError(
