@@ -190,3 +190,20 @@ def test_single_seed_renders_as_before_plus_the_intervals(tmp_path):
     summary = re.compile(r'<section id="summary">.*?</section>', re.S)
     unchanged = re.sub(r'<p class="note">\[lo, hi\][^<]*</p>', "", summary.search(stripped)[0])
     assert unchanged == summary.search(plain)[0]
+
+
+def test_evaluate_intervals_behind_a_flag(fitted, demo_root: Path, tmp_path: Path):
+    model = tmp_path / "m.safetensors"
+    fitted.save(model)
+    args = ["-q", "evaluate", "--model", str(model), "--data", str(demo_root / "object")]
+    assert main([*args, "--out", str(tmp_path / "plain.json")]) == 0
+    assert main([*args, "--intervals", "--out", str(tmp_path / "ci.json")]) == 0
+    plain = json.loads((tmp_path / "plain.json").read_text())
+    ci = json.loads((tmp_path / "ci.json").read_text())
+    assert "intervals" not in plain
+    assert set(ci["intervals"]) == {"image_auroc", "pixel_auroc", "aupro", "f1_max"}
+    for key, (lo, hi) in ci["intervals"].items():
+        assert lo <= ci[key] <= hi
+    assert {k: v for k, v in ci.items() if k not in {"intervals", "ms_per_image"}} == {
+        k: v for k, v in plain.items() if k != "ms_per_image"
+    }

@@ -187,9 +187,10 @@ def _summary_table(
 def _uncertainty_note(original: dict[tuple[str, str], dict[str, Any]]) -> str:
     """What the ± and the bracketed intervals of the summary mean, where there are any."""
     rows = list(original.values())
-    seeds = max((int(r.get("n_seeds") or 1) for r in rows), default=1)
+    counts = sorted({int(r.get("n_seeds") or 1) for r in rows} - {1})
     bits = []
-    if seeds > 1:
+    if counts:
+        seeds = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
         bits.append(
             f"Metrics of seeded methods: mean of {seeds} seeds ± half their min-max range "
             "(methods that draw nothing at random ran once)."
