@@ -42,6 +42,15 @@ its greedy would take over an hour at 1 % (and ran out of 24 GiB of memory when 
 vs_anomalib/mtd_patchcore_oom.md), so it is extrapolated from the rate measured on
 bottle in the same run, labelled as such.
 
+``--seeds N`` (default 1) fits every seeded row N times, seeds 0..N-1: patchad's PatchCore
+(projection and first coreset point) and PaDiM with a random channel subset (``patchad
+defaults``), and anomalib's PatchCore (its greedy's first point and projection draw from torch's
+global generator, which the child seeds with ``torch.manual_seed``; anomalib's API has no seed
+argument of its own). Rows with every channel (both tools' like-for-like PaDiM) draw nothing at
+random and run once. The table then gives each metric as the mean over the draws with their
+min-max, and the "patchad - anomalib" lines say whether the difference is outside both tools'
+spread (``agreement``).
+
 A child run of patchad (``--child patchad``) or of the floor (``--child floor``) is this same
 script; its last line of output is a JSON object.
 """
@@ -100,6 +109,7 @@ def child_patchad(args: argparse.Namespace) -> dict:
             det = PaDiM(**common, n_features=det.total_channels())
     else:
         det = PatchCore(coreset_ratio=args.ratio, **common)
+    det.seed = args.seed
     train = train_images(args.category)
     start = time.perf_counter()
     det.fit(train)
@@ -253,6 +263,9 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="results file under benchmarks/results")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
+        "--seeds", type=int, default=1, help="fit each seeded row N times (seeds 0..N-1)"
+    )
+    parser.add_argument(
         "--report-only",
         type=Path,
         help="write the report from a run's rows.json or its printed log (a run stopped early) "
@@ -265,6 +278,7 @@ def main() -> None:
     parser.add_argument("--normalization", default="backbone", help=argparse.SUPPRESS)
     parser.add_argument("--maps", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--category-path", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         args.category = args.category_path
@@ -323,11 +337,16 @@ def main() -> None:
     print(head, flush=True)
     rows: list[dict] = []
 
-    def measure(tool: str, method: str, category: str, argv: list[str], maps: Path | None):
+    def measure(
+        tool: str, method: str, category: str, argv: list[str], maps: Path | None, seed=None
+    ):
         tag = f"{tool}-{method}".replace(" ", "_").replace(":", "")
-        print(f"... {category} {tool} {method}", flush=True)
+        tag += "" if seed is None else f"-s{seed}"
+        print(f"... {category} {tool} {method}" + ("" if seed is None else f" seed {seed}"))
         result = run_child(argv, work / f"{category}-{tag}.log")
         result |= {"tool": tool, "method": method, "category": category, "tag": tag}
+        if seed is not None:
+            result["seed"] = seed
         print(f"    {json.dumps(result)}", flush=True)
         rows.append(result)
 
@@ -338,8 +357,9 @@ def main() -> None:
         for run in args.runs.split(","):
             method, _, ratio = run.partition(":")
             label = method if not ratio else f"{method} {float(ratio):.0%}"
-            for tool in ("patchad imagenet", "anomalib", "patchad defaults"):
+            for tool, seed in tool_seeds(method, args.seeds):
                 tag = f"{tool}-{label}".replace(" ", "_").replace("%", "pct")
+                tag += "" if seed is None else f"-s{seed}"
                 maps = work / "maps" / tag / category
                 if tool == "anomalib":
                     if ratio and float(ratio) > args.anomalib_max_ratio:
@@ -351,13 +371,14 @@ def main() -> None:
                     argv += ["--method", method, "--category", str(path)]
                     argv += ["--weights", str(weights), "--maps", str(maps)]
                     argv += ["--workdir", str(work / "anomalib" / tag), "--threads", "2"]
-                    argv += ["--ratio", ratio or "0.1"]
+                    argv += ["--ratio", ratio or "0.1", "--seed", str(seed or 0)]
                 else:
                     norm = "imagenet" if tool == "patchad imagenet" else "backbone"
                     argv = [*me, "--child", "patchad", "--method", method, "--maps", str(maps)]
                     argv += ["--category-path", str(path), "--normalization", norm]
                     argv += ["--ratio", ratio or "0.1", "--threads", str(args.threads)]
-                measure(tool, label, category, argv, maps)
+                    argv += ["--seed", str(seed or 0)]
+                measure(tool, label, category, argv, maps, seed)
                 rows[-1]["maps_tag"] = tag
         measure("floor", "decode + backbone", category, floor_argv, None)
 
@@ -372,7 +393,73 @@ def main() -> None:
     (work / "rows.json").write_text(json.dumps(rows, indent=1))
 
 
+TOOLS = ("patchad imagenet", "anomalib", "patchad defaults")
+KEYS = ("image_auroc", "pixel_auroc", "aupro")
+
+
+def tool_seeds(method: str, seeds: int) -> list[tuple[str, int | None]]:
+    """(tool, seed) runs of one method, in order: every tool once with seed None when
+    ``seeds`` is 1; else seeds 0..N-1 for the seeded rows (every PatchCore; PaDiM of ``patchad
+    defaults``, whose channel subset is random) and once for the rest (PaDiM with every
+    channel: nothing random)."""
+    out: list[tuple[str, int | None]] = []
+    for tool in TOOLS:
+        seeded = seeds > 1 and (method == "patchcore" or tool == "patchad defaults")
+        out += [(tool, k) for k in range(seeds)] if seeded else [(tool, None)]
+    return out
+
+
+def collapse(rows: list[dict]) -> list[dict]:
+    """One row per (category, tool, method), floor rows kept as they are: the draws of several
+    seeds become their mean, with ``<key>_draws`` (every draw's value) and ``n_draws``; a single
+    draw passes through with ``<key>_draws`` of one value."""
+    groups: dict[tuple[str, ...], list[dict]] = {}
+    for i, r in enumerate(rows):
+        # the floor is measured before and after each category: both rows stay
+        key = (str(i),) if r["tool"] == "floor" else (r["category"], r["tool"], r["method"])
+        groups.setdefault(key, []).append(r)
+    out = []
+    for group in groups.values():
+        row = dict(group[0])
+        row["n_draws"] = len(group)
+        numeric = [k for k, v in group[0].items() if isinstance(v, (int, float)) and k != "seed"]
+        for key in numeric:
+            values = [r[key] for r in group if isinstance(r.get(key), (int, float))]
+            row[key] = sum(values) / len(values) if values else None
+        for key in KEYS:
+            row[f"{key}_draws"] = [r[key] for r in group if r.get(key) is not None]
+        out.append(row)
+    return out
+
+
+def cell(row: dict, key: str) -> str:
+    """A metric's table cell: the value, or ``mean (min-max)`` over several draws."""
+    draws = row.get(f"{key}_draws") or []
+    if len(draws) > 1:
+        return f"{row[key]:.4f} ({min(draws):.4f}-{max(draws):.4f})"
+    return fmt(row.get(key), ".4f")
+
+
+def agreement(key: str, ours: list[float], peer: list[float]) -> str:
+    """``patchad - anomalib`` on ``key`` against both tools' draws: "agree within the seed
+    spread" when the min-max ranges overlap, else which is higher and by how much at least."""
+    diff = sum(ours) / len(ours) - sum(peer) / len(peer)
+    text = f"{key} patchad - anomalib {diff:+.4f}"
+    if len(ours) + len(peer) <= 2:
+        return text
+    span = (
+        f"patchad {min(ours):.4f}-{max(ours):.4f} over {len(ours)} draws, anomalib "
+        f"{min(peer):.4f}-{max(peer):.4f} over {len(peer)}"
+    )
+    if max(ours) >= min(peer) and max(peer) >= min(ours):
+        return f"{text} (agree within the seed spread: {span})"
+    gap = min(ours) - max(peer) if diff > 0 else min(peer) - max(ours)
+    who = "patchad" if diff > 0 else "anomalib"
+    return f"{text} ({who} higher by at least {gap:.4f}, outside the seed spread: {span})"
+
+
 def report(rows: list[dict]) -> str:
+    rows = collapse(rows)
     lines = [
         "| category | tool | method | fit s | predict ms/img | peak RSS MB | image AUROC | "
         "pixel AUROC | AU-PRO | load before/after |",
@@ -382,8 +469,8 @@ def report(rows: list[dict]) -> str:
         lines.append(
             f"| {r['category']} | {r['tool']} | {r['method']} | {r['fit_s']:.1f} | "
             f"{r['predict_ms_img']:.1f} | {r['peak_rss_mb']:.0f} | "
-            f"{fmt(r.get('image_auroc'), '.4f')} | {fmt(r.get('pixel_auroc'), '.4f')} | "
-            f"{fmt(r.get('aupro'), '.4f')} | {r['load_before']:.1f}/{r['load_after']:.1f} |"
+            f"{cell(r, 'image_auroc')} | {cell(r, 'pixel_auroc')} | "
+            f"{cell(r, 'aupro')} | {r['load_before']:.1f}/{r['load_after']:.1f} |"
         )
     lines += ["", "Ratios (same run):", ""]
     rates: list[tuple[str, float]] = []
@@ -413,9 +500,9 @@ def report(rows: list[dict]) -> str:
                     f"anomalib predict / patchad predict "
                     f"{an['predict_ms_img'] / pa['predict_ms_img']:.2f}x"
                 )
-                for key in ("image_auroc", "pixel_auroc", "aupro"):
-                    if pa.get(key) is not None and an.get(key) is not None:
-                        parts.append(f"{key} patchad - anomalib {pa[key] - an[key]:+.4f}")
+                for key in KEYS:
+                    if pa.get(f"{key}_draws") and an.get(f"{key}_draws"):
+                        parts.append(agreement(key, pa[f"{key}_draws"], an[f"{key}_draws"]))
             if pa and an is None and "patchcore" in method and by:
                 parts.append("no anomalib row (any extrapolation is below)")
             for name, r in (("imagenet", pa), ("defaults", pd)):

@@ -31,7 +31,7 @@ def test_benchmark_writes_schema_files(demo_root: Path, tmp_path: Path) -> None:
     assert main([*args, "--shift-test", "2", "--save-maps", str(maps), "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["version"] == 1
-    meta = {"git_sha", "date", "command", "data", "shift_test", "test_scales"}
+    meta = {"git_sha", "date", "command", "data", "shift_test", "test_scales", "seeds"}
     assert set(results["meta"]) == meta
     assert results["meta"]["shift_test"] == 2
     assert results["meta"]["test_scales"] == []
@@ -40,7 +40,11 @@ def test_benchmark_writes_schema_files(demo_root: Path, tmp_path: Path) -> None:
         (c, v) for c in ("object", "mean") for v in ("original", "shift", "rotate")
     }
     for r in rows:
-        assert set(r) == ROW_KEYS
+        # fields are added, never renamed or removed: the bootstrap intervals (issue 31)
+        added = {"intervals", "intervals_s"} if r["category"] != "mean" else set()
+        assert set(r) == ROW_KEYS | added
+        for bounds in r.get("intervals", {}).values():
+            assert bounds is None or 0.0 <= bounds[0] <= bounds[1] <= 1.0
         assert r["config"]["image_size"] == 64
         assert r["n_test"] == 10
     orig = next(r for r in rows if r["category"] == "object" and r["variant"] == "original")

@@ -10,11 +10,8 @@ Peak memory (``peak_mem_mb``) is the largest resident set size of the process sa
 
 from __future__ import annotations
 
-import csv
 import datetime as _dt
-import io
 import json
-import math
 import os
 import subprocess
 import threading
@@ -27,26 +24,24 @@ from typing import Any
 import numpy as np
 
 from patchad.atomic import atomic_write_bytes, save_npz_atomic
+from patchad.benchresults import COLUMNS, COSTS, METRICS, _fmt, expand, mean_rows, write_results
 from patchad.datasets import TestSet, find_categories, load_category
 from patchad.errors import PatchadError
 from patchad.evaluate import Report, evaluate, rotate_pair, shift_pair
 from patchad.testhold import hold
 from patchad.thumbnails import THUMB, thumb_map, write_images_file
 
-__all__ = ["CellResult", "RSSSampler", "git_sha", "run_benchmark", "run_cell"]
-
-METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
-COSTS = ("fit_s", "ms_per_image", "peak_mem_mb", "model_mb")
-COLUMNS = (
-    "method",
-    "category",
-    "variant",
-    *METRICS,
-    *COSTS,
-    "n_train",
-    "n_test",
+__all__ = [
+    "COLUMNS",
+    "CellResult",
+    "RSSSampler",
     "git_sha",
-)
+    "mean_rows",
+    "run_benchmark",
+    "run_cell",
+    "seed_plan",
+    "write_results",
+]
 
 
 class RSSSampler:
@@ -120,86 +115,6 @@ def _write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, json.dumps(obj, indent=1, allow_nan=False).encode(), force=True)
 
 
-def _mean(values: list[Any]) -> float | None:
-    vals = [v for v in values if v is not None and math.isfinite(v)]
-    return float(np.mean(vals)) if vals else None
-
-
-def mean_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One ``category="mean"`` row per (method, variant) over its category rows."""
-    out = []
-    keys = []
-    for r in rows:
-        if r.get("error"):
-            continue
-        if r["category"] != "mean" and (r["method"], r["variant"]) not in keys:
-            keys.append((r["method"], r["variant"]))
-    for method, variant in keys:
-        group = [
-            r
-            for r in rows
-            if r["method"] == method
-            and r["variant"] == variant
-            and r["category"] != "mean"
-            and not r.get("error")
-        ]
-        row: dict[str, Any] = {"method": method, "category": "mean", "variant": variant}
-        for key in (*METRICS, *COSTS):
-            row[key] = _mean([r[key] for r in group])
-        row["n_train"] = sum(r["n_train"] for r in group)
-        row["n_test"] = sum(r["n_test"] for r in group)
-        row["config"] = group[0]["config"]
-        row["per_type"] = {}
-        row["git_sha"] = group[0]["git_sha"]
-        out.append(row)
-    return out
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return str(value)
-
-
-def write_results(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
-    """Rewrite results.json/.csv/.md from the category rows (mean rows recomputed)."""
-    body = [r for r in rows if r["category"] != "mean"]
-    body.sort(key=lambda r: (r["variant"] != "original", r["variant"], r["category"], r["method"]))
-    allrows = body + mean_rows(body)
-    _write_json(out / "results.json", {"version": 1, "rows": allrows, "meta": meta})
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow([*COLUMNS, "config"])
-    for r in allrows:
-        writer.writerow([_fmt(r[c]) for c in COLUMNS] + [json.dumps(r["config"], sort_keys=True)])
-    atomic_write_bytes(out / "results.csv", text.getvalue().encode(), force=True)
-    md = [
-        f"# patchad benchmark\n\n`{meta['command']}`\n\ngit {meta['git_sha']}, {meta['date']}, "
-        f"data `{meta['data']}`. Best value per category and variant in **bold** (metrics: "
-        "highest; costs: lowest). Timings are wall-clock on a shared machine.\n",
-        "| " + " | ".join(COLUMNS[:-1]) + " |",
-        "|" + "---|" * (len(COLUMNS) - 1),
-    ]
-    for r in allrows:
-        peers = [
-            p for p in allrows if p["category"] == r["category"] and p["variant"] == r["variant"]
-        ]
-        cells = []
-        for c in COLUMNS[:-1]:
-            cell = _fmt(r[c])
-            if c in METRICS or c in COSTS:
-                vals = [p[c] for p in peers if p[c] is not None]
-                if len(peers) > 1 and r[c] is not None and vals:
-                    best = max(vals) if c in METRICS else min(vals)
-                    if r[c] == best:
-                        cell = f"**{cell}**"
-            cells.append(cell or "n/a")
-        md.append("| " + " | ".join(cells) + " |")
-    atomic_write_bytes(out / "results.md", ("\n".join(md) + "\n").encode(), force=True)
-
-
 # ---------------------------------------------------------------------- main loop
 
 
@@ -232,6 +147,8 @@ def _row(
         "config": config,
         "per_type": report.per_type,
         "git_sha": sha,
+        **({} if report.intervals is None else {"intervals": report.intervals}),
+        **({} if report.intervals is None else {"intervals_s": report.intervals_s}),
     }
 
 
@@ -261,6 +178,8 @@ def run_cell(
     save_maps: str | os.PathLike[str] | None = None,
     sha: str = "unknown",
     progress: bool = False,
+    seed: int | None = None,
+    intervals: bool = True,
 ) -> CellResult:
     """Fit ``method`` on ``test_set``'s training images and evaluate it: one benchmark cell.
 
@@ -277,11 +196,17 @@ def run_cell(
             another; variant ``scale<size>``), for the methods that allow it (not PaDiM).
         save_maps: write ``<save_maps>/<method>/<category>/...`` (see :func:`evaluate`).
         sha: recorded in every row.
+        seed: overrides ``settings["seed"]`` and is recorded in every row as ``seed`` (one
+            draw of a ``--seeds N`` run); None: the settings' seed, no ``seed`` key.
+        intervals: add the 95 % bootstrap ``intervals`` over the test images to each row
+            (:mod:`patchad.bootstrap`) and their cost, ``intervals_s``.
     """
     import tempfile
 
     from patchad.detectors import DETECTORS
 
+    if seed is not None:
+        settings = {**settings, "seed": seed}
     detector = DETECTORS[method](**settings)
     n = len(test_set.samples)
     hold("benchmark-cell")  # tests only: a (Ray) worker holds a cell it started
@@ -302,7 +227,14 @@ def run_cell(
         maps_dir = None
         if save_maps is not None:
             maps_dir = Path(save_maps) / method / test_set.name
-        report = evaluate(detector, test_set, save_maps=maps_dir, on_map=keep, progress=progress)
+        report = evaluate(
+            detector,
+            test_set,
+            save_maps=maps_dir,
+            on_map=keep,
+            progress=progress,
+            intervals=intervals,
+        )
     config = _jsonable(detector.get_params())
     costs = {"fit_s": fit_s, "model_mb": model_mb, "config": config, "sha": sha}
     rows = [_row(method, test_set, "original", report, peak_mb=sampler.peak_mb, **costs)]
@@ -329,11 +261,21 @@ def run_cell(
             vthumbs[i] = thumb_map(amap)
 
         with RSSSampler() as vs:
-            vreport = evaluate(scorer, test_set, transform=fn, on_map=keep_v, progress=progress)
+            vreport = evaluate(
+                scorer,
+                test_set,
+                transform=fn,
+                on_map=keep_v,
+                progress=progress,
+                intervals=intervals,
+            )
         peak = max(vs.peak_mb, sampler.peak_mb)
         rows.append(_row(method, test_set, variant, vreport, peak_mb=peak, **costs))
         arrays[f"scores_{variant}"] = vreport.scores
         arrays[f"thumbs_{variant}"] = vthumbs
+    if seed is not None:
+        for row in rows:
+            row["seed"] = seed
     return CellResult(rows=rows, arrays=arrays, curves=curves, model=model)
 
 
@@ -357,10 +299,11 @@ def failed_rows(
     sha: str,
     error: str,
     test_scales: Sequence[int | str] = (),
+    seed: int | None = None,
 ) -> list[dict[str, Any]]:
     """The rows of a cell that failed: every metric and cost None, ``error`` the reason. Mean
     rows leave them out, and ``--resume`` runs the cell again."""
-    return [
+    rows = [
         {
             "method": method,
             "category": test_set.name,
@@ -375,19 +318,31 @@ def failed_rows(
         }
         for variant in variants(shift_test, test_scales, method)
     ]
+    if seed is not None:
+        for row in rows:
+            row["seed"] = seed
+    return rows
 
 
-def write_cell(out: Path, method: str, category: str, result: CellResult) -> None:
-    """Write a cell's model and ``runs/<method>/<category>/`` files (the driver's job)."""
-    model = out / "models" / f"{method}__{category}.safetensors"
-    atomic_write_bytes(model, result.model, force=True)
+def write_cell(
+    out: Path, method: str, category: str, result: CellResult, seed_dir: str | None = None
+) -> None:
+    """Write a cell's model and ``runs/<method>/<category>/`` files (the driver's job); the
+    further seeds of a ``--seeds N`` run write only ``runs/<method>/<category>/<seed_dir>/``
+    (predictions and curves, no model)."""
     run_dir = out / "runs" / method / category
+    if seed_dir is None:
+        model = out / "models" / f"{method}__{category}.safetensors"
+        atomic_write_bytes(model, result.model, force=True)
+    else:
+        run_dir = run_dir / seed_dir
     save_npz_atomic(run_dir / "predictions.npz", result.arrays)
     _write_json(run_dir / "curves.json", result.curves)
 
 
-#: A cell: the category's test set and the method.
-Cell = tuple[TestSet, str]
+#: A cell: the category's test set, the method and the seed (None: the settings' own, in a
+#: single-seed run or for a method that draws nothing at random).
+Cell = tuple[TestSet, str, int | None]
 #: Runs cells and yields each with its result, or with the failure's message (a string); the
 #: local one runs them in order here and lets errors propagate.
 CellRunner = Callable[[list[Cell]], Iterator[tuple[Cell, "CellResult | str"]]]
@@ -402,12 +357,14 @@ def local_runner(
     progress: bool,
     say: Callable[[str], None],
     test_scales: Sequence[int | str] = (),
+    intervals: bool = True,
 ) -> CellRunner:
     """The default :data:`CellRunner`: :func:`run_cell` for each cell, in this process."""
 
     def run(cells: list[Cell]) -> Iterator[tuple[Cell, CellResult | str]]:
-        for test_set, method in cells:
-            say(f"{method} on {test_set.name}: fit on {len(test_set.train)} images")
+        for test_set, method, seed in cells:
+            at = "" if seed is None else f" (seed {seed})"
+            say(f"{method} on {test_set.name}{at}: fit on {len(test_set.train)} images")
             result = run_cell(
                 test_set,
                 method,
@@ -417,10 +374,36 @@ def local_runner(
                 save_maps=save_maps,
                 sha=sha,
                 progress=progress,
+                seed=seed,
+                intervals=intervals,
             )
-            yield (test_set, method), result
+            yield (test_set, method, seed), result
 
     return run
+
+
+def seed_plan(method: str, settings: dict[str, Any], seeds: int) -> list[int | None]:
+    """The seeds a cell of ``method`` runs with, for ``--seeds`` = ``seeds``: ``[None]`` (the
+    settings' own seed, rows as in a single-seed run) when ``seeds`` is 1; ``[None]`` too when
+    the method draws nothing at random for these settings (:attr:`Detector.uses_seed`, e.g.
+    SPADE, or PaDiM keeping every channel): it runs once and its rows say ``seeded`` False;
+    else ``seed, seed + 1, ..., seed + seeds - 1`` from the settings' ``seed`` (default 0)."""
+    from patchad.detectors import DETECTORS
+
+    if seeds <= 1 or not DETECTORS[method](**settings).uses_seed:
+        return [None]
+    base = int(settings.get("seed", 0))
+    return [base + k for k in range(seeds)]
+
+
+def _mark(rows: list[dict[str, Any]], seed: int | None, seeds: int) -> list[dict[str, Any]]:
+    """Give rows of a ``--seeds N`` > 1 run their ``seed`` key (None and ``seeded`` False for a
+    cell that runs once)."""
+    if seeds > 1 and seed is None:
+        for row in rows:
+            row["seed"] = None
+            row["seeded"] = False
+    return rows
 
 
 def run_benchmark(
@@ -439,6 +422,8 @@ def run_benchmark(
     progress: bool = False,
     say: Callable[[str], None] = print,
     runner: Callable[..., CellRunner] | None = None,
+    seeds: int = 1,
+    intervals: bool = True,
 ) -> list[dict[str, Any]]:
     """Fit and evaluate each method on each category; return all rows (means included).
 
@@ -460,7 +445,13 @@ def run_benchmark(
             :func:`local_runner` (default: :func:`local_runner`; :func:`patchad.cluster.
             ray_runner` runs the cells as Ray tasks). Whatever runs the cells, this process
             alone writes ``out``, after each finished cell.
+        seeds: fit each (method, category) this many times with different seeds
+            (:func:`seed_plan`; each is a cell of its own); the results' rows hold the mean,
+            min and max over the seeds and the per-seed rows (:mod:`patchad.benchresults`).
+        intervals: add bootstrap intervals to each row (see :func:`run_cell`).
     """
+    if seeds < 1:
+        raise PatchadError(f"--seeds must be >= 1, got {seeds}")
     out = Path(out)
     folders = find_categories(data)
     if categories:
@@ -476,7 +467,7 @@ def run_benchmark(
     results = out / "results.json"
     if resume and results.exists():
         try:
-            rows = [r for r in json.loads(results.read_text())["rows"] if r["category"] != "mean"]
+            rows = expand(json.loads(results.read_text())["rows"])
         except (ValueError, KeyError, TypeError) as exc:
             raise PatchadError(f"{results}: not a readable results file ({exc})") from None
     meta = {
@@ -486,19 +477,23 @@ def run_benchmark(
         "data": str(data),
         "shift_test": shift_test,
         "test_scales": list(test_scales),
+        "seeds": seeds,
     }
     done = {
-        (r["method"], r["category"])
+        (r["method"], r["category"], r.get("seed"))
         for r in rows
         if r["variant"] == "original" and not r.get("error")
     }
+    plans = {m: seed_plan(m, settings.get(m, {}), seeds) for m in methods}
     cells: list[Cell] = []
     for folder in folders:
         test_set = load_category(folder, allow_missing_masks=allow_missing_masks)
-        todo = [m for m in methods if (m, test_set.name) not in done]
+        todo = [
+            (test_set, m, s) for m in methods for s in plans[m] if (m, test_set.name, s) not in done
+        ]
         if not todo:
             say(f"{test_set.name}: all methods done, skipped (--resume)")
-        cells.extend((test_set, m) for m in todo)
+        cells.extend(todo)
     make = local_runner if runner is None else runner
     run = make(
         settings,
@@ -508,11 +503,12 @@ def run_benchmark(
         sha=sha,
         progress=progress,
         say=say,
+        intervals=intervals,
     )
     finished = run(cells)  # a remote runner has submitted every cell by now
-    for test_set in {id(t): t for t, _ in cells}.values():
+    for test_set in {id(t): t for t, _, _ in cells}.values():
         write_images_file(out / "runs" / "_images" / f"{test_set.name}.npz", test_set, shift_test)
-    for (test_set, method), result in finished:
+    for (test_set, method, seed), result in finished:
         if isinstance(result, str):
             new_rows = failed_rows(
                 test_set,
@@ -522,19 +518,24 @@ def run_benchmark(
                 sha=sha,
                 error=result,
                 test_scales=test_scales,
+                seed=seed,
             )
             say(f"{method} on {test_set.name}: FAILED ({result})")
         else:
-            write_cell(out, method, test_set.name, result)
+            first = seed is None or seed == plans[method][0]
+            write_cell(out, method, test_set.name, result, None if first else f"seed{seed}")
             new_rows = result.rows
-        rows = [r for r in rows if (r["method"], r["category"]) != (method, test_set.name)]
+        new_rows = _mark(new_rows, seed, seeds)
+        key = (method, test_set.name, seed)
+        rows = [r for r in rows if (r["method"], r["category"], r.get("seed")) != key]
         rows.extend(new_rows)
         write_results(out, rows, meta)
         if isinstance(result, str):
             continue
         r = new_rows[0]
+        at = "" if seed is None else f" (seed {seed})"
         say(
-            f"{method} on {test_set.name}: image AUROC {_fmt(r['image_auroc']) or 'n/a'}, "
+            f"{method} on {test_set.name}{at}: image AUROC {_fmt(r['image_auroc']) or 'n/a'}, "
             f"pixel AUROC {_fmt(r['pixel_auroc']) or 'n/a'}, AU-PRO "
             f"{_fmt(r['aupro']) or 'n/a'} (fit {r['fit_s']:.1f} s, "
             f"{r['ms_per_image']:.0f} ms/img)"

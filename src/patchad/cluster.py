@@ -112,6 +112,7 @@ def ray_runner(
         progress: bool,
         say: Callable[[str], None],
         test_scales: tuple[int | str, ...] = (),
+        intervals: bool = True,
     ) -> CellRunner:
         ray = _ray()
         from patchad.benchmark import run_cell
@@ -132,8 +133,10 @@ def ray_runner(
                     test_scales=test_scales,
                     sha=sha,
                     progress=False,
-                ): (test_set, method)
-                for test_set, method in cells
+                    seed=seed,
+                    intervals=intervals,
+                ): (test_set, method, seed)
+                for test_set, method, seed in cells
             }
             if refs:
                 cpus = ray.cluster_resources().get("CPU", 0)

@@ -242,6 +242,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         eval_size=args.eval_size,
         save_maps=args.save_maps,
         progress=not args.quiet,
+        intervals=args.intervals,
     )
     result = {
         "model": str(args.model),
@@ -360,6 +361,8 @@ def _run_benchmark(
             progress=not args.quiet,
             say=lambda message: _say(args, message),
             runner=runner,
+            seeds=getattr(args, "seeds", 1),
+            intervals=getattr(args, "intervals", True),
         )
     _say(args, f"results written to {out}/results.json, results.csv, results.md")
     _maybe_report(args, out)

@@ -153,6 +153,12 @@ class Detector(InputGeometry):
             return tuple(self.layers)
         return layers_at_strides(self.backbone, self.default_strides)
 
+    @property
+    def uses_seed(self) -> bool:
+        """Whether ``seed`` changes the fitted model for these settings (here: only through
+        the calibration hold-out, ``calibration_split`` > 0); subclasses add their own draws."""
+        return bool(self.calibration_split)
+
     def total_channels(self) -> int:
         """Channels of the resolved layers together, from backbone metadata only."""
         info = backbone_info(self.backbone)

@@ -176,6 +176,12 @@ class PaDiM(Detector):
             raise ConfigError(f"epsilon must be > 0, got {self.epsilon!r}")
 
     @property
+    def uses_seed(self) -> bool:
+        """The seed draws the channel subset when fewer than all channels are kept, besides
+        the calibration hold-out."""
+        return super().uses_seed or self.resolved_n_features < self.total_channels()
+
+    @property
     def resolved_n_features(self) -> int:
         """``n_features``, or :func:`default_n_features` when it is None."""
         if self.n_features is not None:

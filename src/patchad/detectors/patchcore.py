@@ -171,6 +171,12 @@ class PatchCore(Detector):
         self.feature_storage = feature_storage
         self.max_memory_mb = max_memory_mb
 
+    @property
+    def uses_seed(self) -> bool:
+        """The seed draws the coreset's projection and first point (``coreset_ratio`` < 1) and
+        the IVF index's k-means (``search="faiss-ivf"``), besides the calibration hold-out."""
+        return super().uses_seed or self.coreset_ratio < 1 or self.search == "faiss-ivf"
+
     def _validate(self) -> None:
         super()._validate()
         if not 0 < self.coreset_ratio <= 1:

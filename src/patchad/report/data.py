@@ -43,6 +43,7 @@ class Run:
     map_min: float = math.nan
     map_max: float = math.nan
     extra: dict[str, np.ndarray] = field(default_factory=dict)
+    seed_scores: list[np.ndarray] = field(default_factory=list)  # the further seeds' scores
     roc: tuple[list[float], list[float]] = ([], [])
     pro: tuple[list[float], list[float]] = ([], [])
     problems: list[str] = field(default_factory=list)
@@ -149,6 +150,12 @@ def _load_run(root: Path, method: str, category: str) -> Run:
             run.problems.append(f"{preds.relative_to(root)} is unreadable ({type(exc).__name__})")
     else:
         run.problems.append(f"{preds.relative_to(root)} is missing")
+    for extra in sorted(folder.glob("seed*/predictions.npz")):
+        try:
+            with np.load(extra, allow_pickle=False) as npz:
+                run.seed_scores.append(npz["scores"].astype(np.float64))
+        except Exception as exc:
+            run.problems.append(f"{extra.relative_to(root)} is unreadable ({type(exc).__name__})")
     curves = folder / "curves.json"
     if curves.is_file():
         try:

@@ -18,6 +18,7 @@ import numpy as np
 from patchad.report.charts import curves_png, histograms_png, img_tag, use_agg
 from patchad.report.data import COSTS, METRICS, Run, assemble, esc, metric_value, num, scores_ok
 from patchad.report.gallery import alignment_section, gallery_section
+from patchad.report.noise import RULE, summary_cell
 from patchad.report.sentences import pros_and_cons
 
 CSS = """
@@ -34,6 +35,7 @@ td.l,th.l{text-align:left}
 tr.group td{background:#fafbfc;font-weight:600;text-align:left;border-top:2px solid #d3dae2}
 tr.mean td{background:#f6f8fb}
 td.best{font-weight:700;color:#0b6b2f}
+span.ci{color:#55606c;font-size:.75rem;font-weight:400;white-space:nowrap}
 .wrap{overflow-x:auto}
 img.plot{max-width:100%;height:auto;display:block;margin:.3rem 0}
 table.gallery td{text-align:center;vertical-align:top;border:none;padding:.15rem}
@@ -161,6 +163,8 @@ def _summary_table(
                 v = num(row.get(key))
                 is_best = v is not None and key in best and v == best[key]
                 text = _fmt(v, key)
+                if key in dict(METRICS) and v is not None:
+                    text = summary_cell(row, key, text)
                 cells.append(
                     f'<td class="best"><b>{text}</b></td>' if is_best else f"<td>{text}</td>"
                 )
@@ -174,9 +178,29 @@ def _summary_table(
         '<p class="note">Best value per column within each category in <b>bold green</b> '
         "(highest for quality metrics, lowest for costs). n/a: not available (e.g. no "
         "ground-truth masks for pixel metrics).</p>"
+        f"{_uncertainty_note(original)}"
         '<div class="wrap"><table class="summary"><thead><tr><th class="l">method</th>'
         f"{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div></section>"
     )
+
+
+def _uncertainty_note(original: dict[tuple[str, str], dict[str, Any]]) -> str:
+    """What the ± and the bracketed intervals of the summary mean, where there are any."""
+    rows = list(original.values())
+    counts = sorted({int(r.get("n_seeds") or 1) for r in rows} - {1})
+    bits = []
+    if counts:
+        seeds = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+        bits.append(
+            f"Metrics of seeded methods: mean of {seeds} seeds ± half their min-max range "
+            "(methods that draw nothing at random ran once)."
+        )
+    if any(r.get("intervals") for r in rows):
+        bits.append(
+            "[lo, hi]: 95 % bootstrap interval over the test images (good and defective "
+            "resampled separately)."
+        )
+    return f'<p class="note">{esc(" ".join(bits))}</p>' if bits else ""
 
 
 def _pros_cons_section(
@@ -198,6 +222,8 @@ def _pros_cons_section(
         '<section id="pros-cons"><h2>Pros and cons, from the data</h2>',
         '<p class="note">Every sentence below is computed from this run\'s results.</p>',
     ]
+    if any(r.get("intervals") or int(r.get("n_seeds") or 1) > 1 for r in original.values()):
+        out.append(f'<p class="note">{esc(RULE)}</p>')
     if missing_pixel:
         out.append(
             f'<p class="missing">Pixel metrics (pixel AUROC, AU-PRO) are not available '

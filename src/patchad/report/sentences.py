@@ -4,6 +4,11 @@ Four groups: who wins which metric on which category, how each method does on sm
 ``SMALL_DEFECT`` of the image), cost per quality point, and how much shifting or rotating the test
 images costs each method. Sentences are HTML fragments: names and numbers are escaped, a winner is
 in ``<b>``. Nothing here is written by hand per run; change the numbers and the text follows.
+
+Where the results measured their uncertainty (seed spread, bootstrap intervals), a winner, a
+"holds up best" or a "depends most" is named only when the gap exceeds it
+(:data:`patchad.report.noise.RULE`); otherwise the sentence says "no clear difference (±...)".
+Without such measurements the sentences read as they always did.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from patchad.report.data import METRICS, Run, esc, metric_value, scores_ok, variant_rows
+from patchad.report.noise import clear, margin
 
 SMALL_DEFECT = 0.01  # "small" defect: mask covers under 1% of the original image
 
@@ -32,11 +38,30 @@ def pros_and_cons(
         ("Who wins where", _winner_sentences(methods, categories, original)),
         (
             "Small defects (under 1% of the image)",
-            _small_defect_sentences(methods, categories, images, runs),
+            _small_defect_sentences(methods, categories, images, runs, _measured(original)),
         ),
         ("Cost", _cost_sentences(methods, categories, original)),
         ("Alignment", _alignment_sentences(methods, categories, rows, original, meta)),
     ]
+
+
+def _measured(original: dict[tuple[str, str], dict[str, Any]]) -> bool:
+    """Whether the run measured its uncertainty (intervals, or several seeds)."""
+    return any(r.get("intervals") or int(r.get("n_seeds") or 1) > 1 for r in original.values())
+
+
+def _small_noise(scores: list[np.ndarray], labels: np.ndarray) -> float:
+    """The noise of a small-defect image AUROC: the larger of half its range over the seeds'
+    scores and half its 95 % bootstrap interval (:mod:`patchad.bootstrap`, first seed)."""
+    from patchad.bootstrap import RESAMPLES, SEED, image_auroc_resamples, stratified_weights
+    from patchad.metrics import image_auroc
+
+    values = [image_auroc(s, labels) for s in scores]
+    seed_half = (max(values) - min(values)) / 2.0 if len(values) > 1 else 0.0
+    w = stratified_weights(labels, RESAMPLES, SEED)
+    draws = image_auroc_resamples(scores[0], labels, w)
+    lo, hi = np.quantile(draws[np.isfinite(draws)], [0.025, 0.975])
+    return float(max(seed_half, (hi - lo) / 2.0))
 
 
 def _winner_sentences(
@@ -55,20 +80,29 @@ def _winner_sentences(
                 continue
             scored.sort(key=lambda mv: -mv[1])
             (best, v1), (second, v2) = scored[0], scored[1]
+            need = margin([original.get((best, category)), original.get((second, category))], key)
             if v1 == v2:
                 wins.setdefault("tie", []).append(f"{category} ({best} = {second} = {v1:.3f})")
+            elif not clear(v1 - v2, need):
+                wins.setdefault("unclear", []).append(
+                    f"{category} ({best} {v1:.3f} vs {second} {v2:.3f}, +{v1 - v2:.3f} "
+                    f"within ±{need:.3f})"
+                )
             else:
                 last = ""
                 if len(scored) > 2:
                     worst, v3 = scored[-1]
                     last = f"; last {worst} {v3:.3f}, -{v1 - v3:.3f}"
+                beyond = f" beyond ±{need:.3f}" if need > 0 else ""
                 wins.setdefault(best, []).append(
-                    f"{category} ({v1:.3f} vs {v2:.3f} for {second}, +{v1 - v2:.3f}{last})"
+                    f"{category} ({v1:.3f} vs {v2:.3f} for {second}, +{v1 - v2:.3f}{beyond}{last})"
                 )
         parts = []
         for method, where in sorted(wins.items(), key=lambda kv: -len(kv[1])):
             if method == "tie":
                 parts.append("tie on " + ", ".join(where))
+            elif method == "unclear":
+                parts.append("no clear difference on " + esc(", ".join(where)))
             else:
                 n = len(where)
                 parts.append(
@@ -93,11 +127,13 @@ def _small_defect_sentences(
     categories: list[str],
     images: dict[str, dict[str, np.ndarray] | str],
     runs: dict[tuple[str, str], Run],
+    measured: bool = False,
 ) -> list[str]:
     from patchad.metrics import image_auroc
 
     sentences = []
     pooled: dict[str, list[float]] = {}
+    noise: dict[str, list[float]] = {}
     for category in categories:
         info = images[category]
         if isinstance(info, str):
@@ -132,6 +168,11 @@ def _small_defect_sentences(
             above = float(np.mean([np.mean(s[good] < v) for v in s[small]]))
             pooled.setdefault(method, []).append(auc_small)
             text = f"{method} {auc_small:.3f}"
+            if measured:
+                others = [x for x in run.seed_scores if len(x) == len(s)]
+                n_small = _small_noise([x[keep_small] for x in (s, *others)], labels[keep_small])
+                noise.setdefault(method, []).append(n_small)
+                text += f" (±{n_small:.3f})"
             if auc_large is not None and math.isfinite(auc_large):
                 text += f" (larger defects {auc_large:.3f}, {auc_small - auc_large:+.3f})"
             text += f", a small defect outscores {100 * above:.0f}% of good images on average"
@@ -147,11 +188,21 @@ def _small_defect_sentences(
     if len(pooled) >= 2:
         mean = {m: float(np.nanmean(v)) for m, v in pooled.items()}
         order = sorted(mean, key=lambda m: -mean[m])
-        sentences.append(
-            f"On small defects overall, <b>{esc(order[0])}</b> holds up best (mean small-defect "
-            f"image AUROC {mean[order[0]]:.3f}) and {esc(order[-1])} worst "
-            f"({mean[order[-1]]:.3f})."
-        )
+        best, worst = order[0], order[-1]
+        need = max(float(np.mean(noise.get(m, [0.0]))) for m in (best, worst))
+        if clear(mean[best] - mean[worst], need):
+            beyond = f", a gap beyond ±{need:.3f}" if need > 0 else ""
+            sentences.append(
+                f"On small defects overall, <b>{esc(best)}</b> holds up best (mean small-defect "
+                f"image AUROC {mean[best]:.3f}) and {esc(worst)} worst "
+                f"({mean[worst]:.3f}{beyond})."
+            )
+        else:
+            sentences.append(
+                "On small defects overall, no clear difference between the methods (mean "
+                f"small-defect image AUROC {esc(best)} {mean[best]:.3f} to {esc(worst)} "
+                f"{mean[worst]:.3f}, within ±{need:.3f})."
+            )
     return sentences
 
 
@@ -235,6 +286,7 @@ def _alignment_sentences(
     n = meta.get("shift_test")
     sentences = []
     drops: dict[tuple[str, str], list[float]] = {}
+    needs: dict[tuple[str, str], list[float]] = {}
     for variant, how in (("shift", "shifted by {n} px"), ("rotate", "rotated by {n}°")):
         for category in [*categories, "mean"]:
             parts = []
@@ -248,9 +300,16 @@ def _alignment_sentences(
                 if before is None or after is None:
                     continue
                 drop = before - after
+                need = margin([base, row], "image_auroc")
                 if category != "mean":
                     drops.setdefault((variant, method), []).append(drop)
-                text = f"{method} {before:.3f} → {after:.3f} ({-drop:+.3f})"
+                    needs.setdefault((variant, method), []).append(need)
+                text = f"{method} {before:.3f} → {after:.3f} ({-drop:+.3f}"
+                if need > 0:
+                    text += f", ±{need:.3f}" + (
+                        "" if clear(abs(drop), need) else ": no clear change"
+                    )
+                text += ")"
                 pb, pa = metric_value(base, "pixel_auroc"), metric_value(row, "pixel_auroc")
                 if pb is not None and pa is not None:
                     text += f", pixel AUROC {pb:.3f} → {pa:.3f}"
@@ -268,6 +327,14 @@ def _alignment_sentences(
             order = sorted(mean_drop, key=lambda m: -mean_drop[m])
             worst, best = order[0], order[-1]
             verb = "shifting" if variant == "shift" else "rotating"
+            need = max(float(np.mean(needs[(variant, m)])) for m in (worst, best))
+            if not clear(mean_drop[worst] - mean_drop[best], need):
+                sentences.append(
+                    f"Under {verb}, no clear difference between the methods' dependence on "
+                    f"alignment (mean image AUROC drop {esc(worst)} {mean_drop[worst]:.3f}, "
+                    f"{esc(best)} {mean_drop[best]:.3f}, within ±{need:.3f})."
+                )
+                continue
             sentences.append(
                 f"Under {verb}, <b>{esc(worst)}</b> depends most on alignment (mean image AUROC "
                 f"drop {mean_drop[worst]:.3f}) and {esc(best)} least ({mean_drop[best]:.3f})."
