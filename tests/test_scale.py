@@ -158,7 +158,15 @@ def test_ctrl_c_during_fit_leaves_nothing_on_disk(tmp_path):
     cmd += ["--data", str(data / "object"), "--backbone", LITE0, "--out", str(out)]
     cmd += ["--set", "image_size=128", "--set", "coreset_ratio=0.9", "--set", "batch_size=4"]
     cmd += ["--set", "feature_storage=disk"]
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C's default action even where the suite was started with SIGINT ignored (a shell's
+    # background job), which a child would inherit and so never see the signal
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         assert hold.wait() == proc.pid
         proc.send_signal(signal.SIGINT)
