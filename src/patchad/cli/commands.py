@@ -177,12 +177,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    try:
-        from patchad.export import export_model_file
-    except ImportError as exc:
-        raise PatchadError(
-            f"export needs torch and timm ({exc.name} is not installed): pip install patchad"
-        ) from None
+    from patchad.export import export_model_file  # needs torch: see TRAIN_MODULES in cli
+
     start = time.perf_counter()
     out = export_model_file(args.model, args.out, force=args.force, weights=args.weights)
     size = out.stat().st_size / 2**20
