@@ -17,9 +17,9 @@ import pytest
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from holds import HANG_S  # noqa: E402
-from patchad import __version__  # noqa: E402
-from patchad.cli import TRAIN_INSTALL, TRAIN_MODULES  # noqa: E402
+from holds import HANG_S
+from patchad import __version__
+from patchad.cli import TRAIN_INSTALL, TRAIN_MODULES
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -327,6 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run end to end on built-in synthetic data, offline")
     demo.add_argument("--out", default="patchad-demo", help="output folder (default patchad-demo)")
     demo.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    demo.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run in seconds, not a comparison: the part category only, 64 px, "
+        "8 training images, no shifted test and no drift section",
+    )
     demo.set_defaults(func="demo")
 
     report = sub.add_parser(
