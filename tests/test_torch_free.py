@@ -19,7 +19,7 @@ pytest.importorskip("onnxruntime")
 
 from holds import HANG_S
 from patchad import __version__
-from patchad.cli import TRAIN_INSTALL, TRAIN_MODULES
+from patchad.errors import TRAIN_INSTALL, TRAIN_MODULES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,9 +123,8 @@ print(answer.json()["results"][0]["score"])
         ["demo", "--out", "{out}/demo"],
         ["benchmark", "--data", "{data}", "--out", "{out}/bench"],
         ["export", "--model", "{model}", "--out", "{out}/m.onnx"],
-        ["predict", "--model", "{model}", "{data}", "--out", "{out}/predict"],
     ],
-    ids=lambda c: c[0] if c[0] != "predict" else "predict-safetensors",
+    ids=lambda c: c[0],
 )
 def test_training_commands_name_the_install(
     command: list[str], demo_root: Path, tmp_path: Path
@@ -141,3 +140,18 @@ def test_training_commands_name_the_install(
         f"patchad: error: {command[0]} needs torch, which is not installed: {TRAIN_INSTALL}\n"
     )
     assert not list(out.iterdir())
+
+
+def test_a_fitted_model_names_the_install(fitted, demo_root: Path, tmp_path: Path) -> None:
+    """``predict`` (and ``serve``, through the same ``patchad.models.load_model``) on a
+    ``.safetensors`` model: one line naming the file and the install, nothing written."""
+    model = tmp_path / "object.safetensors"
+    fitted.save(model)
+    out = tmp_path / "out"
+    test = str(demo_root / "object" / "test")
+    run = _without_torch("predict", "--model", str(model), test, "--out", str(out))
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.count("\n") == 1
+    assert run.stderr.startswith(f"patchad: error: {model}: a fitted model needs ")
+    assert TRAIN_INSTALL in run.stderr
+    assert not out.exists()

