@@ -60,7 +60,7 @@ test "$(tail -n +2 predicted/scores.csv | wc -l)" = "$(find demo/data/part/test 
 
 port=$(plain/bin/python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0))
 print(s.getsockname()[1])')
-plain/bin/patchad serve --model part.onnx --host 127.0.0.1 --port "$port" 2>serve.log &
+plain/bin/patchad serve --model part.onnx --host 127.0.0.1 --port "$port" >serve.log 2>&1 &
 server=$!
 image=$(find demo/data/part/test/good -name '*.png' | sort | head -n 1)
 static=$(plain/bin/python -c 'import patchad.serve.app as a; print(a.STATIC)')
