@@ -9,6 +9,8 @@ cross-reference: a link where the target has a page on the site, plain code wher
 (a private helper module). A target that exists nowhere is a real broken reference: it is
 logged as a warning, which fails ``mkdocs build --strict``. Targets outside patchad (the
 standard library, numpy) become plain code. ``~`` shows the last name only, as in Sphinx.
+A line ending in reStructuredText's ``::`` (a literal block follows) ends in ``:``, as Sphinx
+prints it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 import griffe
 
+LITERAL = re.compile(r"(?<=\S)::$", re.MULTILINE)
 ROLE = re.compile(r":(?:func|meth|class|attr|mod|data|exc|obj):`(?P<tilde>~?)\.?(?P<name>[\w.]+)`")
 _log = logging.getLogger("mkdocs.plugins.patchad_roles")
 
@@ -77,7 +80,8 @@ def _replace(obj: Any, match: re.Match[str]) -> str:
 
 def _walk(obj: Any) -> None:
     if obj.docstring is not None and ":" in obj.docstring.value:
-        obj.docstring.value = ROLE.sub(lambda m: _replace(obj, m), obj.docstring.value)
+        value = ROLE.sub(lambda m: _replace(obj, m), obj.docstring.value)
+        obj.docstring.value = LITERAL.sub(":", value)
     for member in obj.members.values():
         if not member.is_alias:
             _walk(member)
