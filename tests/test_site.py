@@ -5,11 +5,13 @@ One build for the whole module; skipped where the ``docs`` extra is not installe
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -64,3 +66,60 @@ def test_site_loads_nothing_from_other_hosts(site: Path) -> None:
     assert not remote, f"pages loading remote fonts or scripts: {remote}"
     assert "fonts.googleapis" not in (site / "index.html").read_text()
     assert (site / "search" / "search_index.json").is_file()  # the search is local
+
+
+def _site_tool(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        f"site_tools_{name}", ROOT / "site_tools" / f"{name}.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_roles_link_what_exists_and_report_what_does_not(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import griffe
+
+    roles = _site_tool("roles")
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(
+        '"""See :func:`~pkg.helper`, :class:`Thing`, :func:`os.path.join` and :func:`missing`.\n\n'
+        'An example::\n\n    pkg.helper()\n"""\n\n'
+        'def helper() -> None:\n    """Help."""\n\n\n'
+        'class Thing:\n    """Uses :meth:`go`."""\n\n    def go(self) -> None:\n        """Go."""\n'
+    )
+    with caplog.at_level("WARNING"):
+        module = griffe.load(
+            "pkg", search_paths=[tmp_path], extensions=griffe.load_extensions(roles.SphinxRoles)
+        )
+    text = module.docstring.value
+    assert '<autoref identifier="pkg.helper" optional><code>helper</code></autoref>' in text
+    assert '<autoref identifier="pkg.Thing" optional><code>Thing</code></autoref>' in text
+    assert "`os.path.join`" in text  # outside the package: plain code
+    assert "An example:\n" in text
+    assert 'identifier="pkg.Thing.go"' in module["Thing"].docstring.value
+    assert [r.getMessage() for r in caplog.records] == [
+        "pkg: docstring names 'missing', which does not exist"
+    ]
+
+
+def test_links_out_of_docs_are_checked_then_become_paths() -> None:
+    hooks = _site_tool("hooks")
+    docs = ROOT / "docs"
+    page = docs / "scale.md"
+
+    def rewrite(markdown: str) -> str:
+        return hooks.LINK.sub(lambda m: hooks._rewrite(m, page, docs, ROOT, docs), markdown)
+
+    assert rewrite("[`knn.txt`](../benchmarks/results/knn.txt)") == ("`benchmarks/results/knn.txt`")
+    assert rewrite("[the README](../README.md#install)") == "[the README](start.md#install)"
+    assert rewrite("[m](methods.md#x)") == "[m](methods.md#x)"
+    # a target that does not exist stays a link, for mkdocs --strict to reject
+    assert rewrite("[gone](../benchmarks/results/gone.txt)") == (
+        "[gone](../benchmarks/results/gone.txt)"
+    )
