@@ -27,12 +27,15 @@ ROLE = re.compile(r":(?:func|meth|class|attr|mod|data|exc|obj):`(?P<tilde>~?)\.?
 _log = logging.getLogger("mkdocs.plugins.patchad_roles")
 
 
+def _target(obj: Any) -> Any | None:
+    """An alias's target, or None when it lies outside the loaded packages (``torch.Tensor``)."""
+    try:
+        return obj.final_target if obj.is_alias else obj
+    except (griffe.AliasResolutionError, griffe.CyclicAliasError):
+        return None
+
+
 def _member(obj: Any, name: str) -> Any | None:
-    if obj.is_alias:
-        try:
-            obj = obj.final_target
-        except (griffe.AliasResolutionError, griffe.CyclicAliasError):
-            return None
     members = obj.all_members if obj.is_class else obj.members
     return members.get(name)
 
@@ -48,18 +51,10 @@ def _lookup(obj: Any, name: str) -> Any | None:
         found = _member(scope, head)
         scope = scope.parent
     for part in rest:
-        if found is None:
-            return None
-        found = _member(found, part)
+        if found is None or _target(found) is None:
+            return found  # not found, or an import from outside: nothing to look into
+        found = _member(_target(found), part)
     return found
-
-
-def _path(found: Any) -> str | None:
-    """The target's canonical path, or None when it lies outside the loaded packages."""
-    try:
-        return found.final_target.path if found.is_alias else found.path
-    except (griffe.AliasResolutionError, griffe.CyclicAliasError):
-        return None
 
 
 def _replace(obj: Any, match: re.Match[str]) -> str:
@@ -72,10 +67,10 @@ def _replace(obj: Any, match: re.Match[str]) -> str:
             return f"`{text}`"  # the standard library or a dependency: no page here
         _log.warning("%s: docstring names %r, which does not exist", obj.path, name)
         return f"`{text}`"
-    path = _path(found)
-    if path is None:
-        return f"`{text}`"
-    return f'<autoref identifier="{path}" optional><code>{text}</code></autoref>'
+    target = _target(found)
+    if target is None:
+        return f"`{text}`"  # imported from outside the package
+    return f'<autoref identifier="{target.path}" optional><code>{text}</code></autoref>'
 
 
 def _walk(obj: Any) -> None:

@@ -88,8 +88,10 @@ def test_roles_link_what_exists_and_report_what_does_not(
     pkg = tmp_path / "pkg"
     pkg.mkdir()
     (pkg / "__init__.py").write_text(
-        '"""See :func:`~pkg.helper`, :class:`Thing`, :func:`os.path.join` and :func:`missing`.\n\n'
+        '"""See :func:`~pkg.helper`, :class:`Thing`, :func:`os.path.join` and :func:`missing`.\n'
+        "Also :meth:`OrderedDict.move_to_end`.\n\n"
         'An example::\n\n    pkg.helper()\n"""\n\n'
+        "from collections import OrderedDict\n\n\n"
         'def helper() -> None:\n    """Help."""\n\n\n'
         'class Thing:\n    """Uses :meth:`go`."""\n\n    def go(self) -> None:\n        """Go."""\n'
     )
@@ -101,6 +103,7 @@ def test_roles_link_what_exists_and_report_what_does_not(
     assert '<autoref identifier="pkg.helper" optional><code>helper</code></autoref>' in text
     assert '<autoref identifier="pkg.Thing" optional><code>Thing</code></autoref>' in text
     assert "`os.path.join`" in text  # outside the package: plain code
+    assert "`OrderedDict.move_to_end`" in text  # imported from outside: plain code
     assert "An example:\n" in text
     assert 'identifier="pkg.Thing.go"' in module["Thing"].docstring.value
     assert [r.getMessage() for r in caplog.records] == [
