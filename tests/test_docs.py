@@ -37,7 +37,9 @@ def test_readme_is_a_guide_not_a_report() -> None:
 
 
 @pytest.mark.parametrize(
-    "page", [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))], ids=lambda p: p.name
+    "page",
+    [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))],
+    ids=lambda p: p.relative_to(ROOT).as_posix(),
 )
 def test_relative_links_resolve(page: Path) -> None:
     missing = []

@@ -88,7 +88,9 @@ class ExportedModel:
         metadata: its ``patchad`` metadata (see :mod:`patchad.export`).
         method: ``"patchcore"``, ``"padim"`` or ``"spade"``.
         batch_size: images per run of the graph (the fitted model's).
-        fpr, image_threshold_, pixel_threshold_: the calibration, when the model has one.
+        fpr: the target false-alarm rate the model was calibrated for.
+        image_threshold_: the calibrated image threshold; None when the model has none.
+        pixel_threshold_: the calibrated pixel threshold; None when the model has none.
     """
 
     def __init__(self, path: Path, metadata: dict[str, Any], session: Any, batch_size: int) -> None:
