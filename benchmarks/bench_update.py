@@ -12,6 +12,10 @@ set:
 - ``--sequence``: PatchCore fitted on a random half, then updated 5 times with 10 % of the
   training set each, against one fit on everything (drift over many updates).
 
+PatchCore's rows run once per growth rule in ``--grow`` (``update(grow=...)``: ``radius`` adds
+what lies beyond the fit's covering radius, ``ratio`` grows the bank to the share a refit picks),
+from the same fit on A.
+
 Every fit uses ``calibration_split=0`` (the update then holds nothing out either), the bundled
 ``tf_efficientnet_lite0`` and each method's defaults otherwise.
 
@@ -23,6 +27,7 @@ Every fit uses ``calibration_split=0`` (the update then holds nothing out either
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -93,6 +98,7 @@ def halves(
     test_set: Any,
     ratios: list[float],
     methods: list[str],
+    grow: list[str],
     lines: list[str],
     raw: dict,
 ) -> None:
@@ -119,52 +125,53 @@ def halves(
         got_full = _evaluate(full, test_set)
         full_rows = len(full.memory_bank_) if cls is PatchCore else None
         del full
-        det = cls(**COMMON, **extra).fit(a)
-        backbone_s = _backbone_pass(det, b)
-        det.update(b)
-        report = det.last_update_
-        got = _evaluate(det, test_set)
-        if full_rows is not None:
-            added = report.added
-            size = f"{added['bank_before']:,} + {added['patches_added']:,} of "
-            size += f"{added['new_patches']:,} new"
-            full_size = f"{full_rows:,} rows"
-        else:
-            size = full_size = "-"
-        lines.append(
-            f"| {label} | {got_full['image_auroc']:.4f} / {got['image_auroc']:.4f} | "
-            f"{got_full['pixel_auroc']:.4f} / {got['pixel_auroc']:.4f} | "
-            f"{got_full['aupro']:.4f} / {got['aupro']:.4f} | "
-            f"{_rel(got['scores'], got_full['scores']):.1e} | "
-            f"{_rel(got['maxima'], got_full['maxima']):.1e} | {full_size} / {size} | "
-            f"{fit_s:.1f} | {report.seconds:.1f} | {report.seconds / backbone_s:.2f}x |"
-        )
-        raw[f"{name}/{label}"] = {
-            "full": {k: v for k, v in got_full.items() if k not in ("scores", "maxima")},
-            "updated": {k: v for k, v in got.items() if k not in ("scores", "maxima")},
-            "update": report.to_dict(),
-            "fit_full_s": fit_s,
-            "backbone_pass_b_s": backbone_s,
-        }
-        print(lines[-1], flush=True)
+        fitted = cls(**COMMON, **extra).fit(a)
+        backbone_s = _backbone_pass(fitted, b)
+        for rule in grow if cls is PatchCore else ["radius"]:
+            det = copy.deepcopy(fitted)
+            if cls is PatchCore:
+                det.update(b, grow=rule)
+            else:
+                det.update(b)
+            report = det.last_update_
+            got = _evaluate(det, test_set)
+            name_rule = f"{label}, grow {rule}" if cls is PatchCore else label
+            if full_rows is not None:
+                added = report.added
+                size = f"{added['bank_before']:,} + {added['patches_added']:,} of "
+                size += f"{added['new_patches']:,} new"
+                full_size = f"{full_rows:,} rows"
+            else:
+                size = full_size = "-"
+            lines.append(
+                f"| {name_rule} | {got_full['image_auroc']:.4f} / {got['image_auroc']:.4f} | "
+                f"{got_full['pixel_auroc']:.4f} / {got['pixel_auroc']:.4f} | "
+                f"{got_full['aupro']:.4f} / {got['aupro']:.4f} | "
+                f"{_rel(got['scores'], got_full['scores']):.1e} | "
+                f"{_rel(got['maxima'], got_full['maxima']):.1e} | {full_size} / {size} | "
+                f"{fit_s:.1f} | {report.seconds:.1f} | {report.seconds / backbone_s:.2f}x |"
+            )
+            raw[f"{name}/{name_rule}"] = {
+                "full": {k: v for k, v in got_full.items() if k not in ("scores", "maxima")},
+                "updated": {k: v for k, v in got.items() if k not in ("scores", "maxima")},
+                "update": report.to_dict(),
+                "fit_full_s": fit_s,
+                "backbone_pass_b_s": backbone_s,
+            }
+            print(lines[-1], flush=True)
+            del det
     lines.append("")
 
 
-def sequence(name: str, test_set: Any, ratio: float, lines: list[str], raw: dict) -> None:
+def sequence(
+    name: str, test_set: Any, ratio: float, grow: list[str], lines: list[str], raw: dict
+) -> None:
     parts = _split(list(test_set.train), [0.5, 0.1, 0.1, 0.1, 0.1, 0.1], seed=1)
     full = PatchCore(**COMMON, coreset_ratio=ratio).fit(list(test_set.train))
     got_full = _evaluate(full, test_set)
     n_full = len(full.memory_bank_)
     del full
-    det = PatchCore(**COMMON, coreset_ratio=ratio).fit(parts[0])
-    steps = [f"fit on {len(parts[0])}: bank {len(det.memory_bank_):,}"]
-    seconds = 0.0
-    for part in parts[1:]:
-        det.update(part)
-        added = det.last_update_.added
-        seconds += det.last_update_.seconds
-        steps.append(f"+{len(part)} images: +{added['patches_added']:,} -> {added['bank_after']:,}")
-    got = _evaluate(det, test_set)
+    fitted = PatchCore(**COMMON, coreset_ratio=ratio).fit(parts[0])
     lines += [
         f"## {name}: PatchCore {ratio:.0%}, fit on half, then 5 updates of 10 % each",
         "",
@@ -172,18 +179,33 @@ def sequence(name: str, test_set: Any, ratio: float, lines: list[str], raw: dict
         "|---|---|---|---|---|",
         f"| one fit on all {len(test_set.train)} | {got_full['image_auroc']:.4f} | "
         f"{got_full['pixel_auroc']:.4f} | {got_full['aupro']:.4f} | {n_full:,} |",
-        f"| fit + 5 updates | {got['image_auroc']:.4f} | {got['pixel_auroc']:.4f} | "
-        f"{got['aupro']:.4f} | {len(det.memory_bank_):,} |",
-        "",
-        "Steps: " + "; ".join(steps) + f" (updates {seconds:.1f} s in all).",
-        "",
     ]
-    raw[f"{name}/sequence {ratio}"] = {
-        "full": {k: v for k, v in got_full.items() if k not in ("scores", "maxima")},
-        "updated": {k: v for k, v in got.items() if k not in ("scores", "maxima")},
-        "steps": steps,
-    }
-    print("\n".join(lines[-8:]), flush=True)
+    notes = []
+    for rule in grow:
+        det = copy.deepcopy(fitted)
+        steps = [f"fit on {len(parts[0])}: bank {len(det.memory_bank_):,}"]
+        seconds = 0.0
+        for part in parts[1:]:
+            det.update(part, grow=rule)
+            added = det.last_update_.added
+            seconds += det.last_update_.seconds
+            steps.append(
+                f"+{len(part)} images: +{added['patches_added']:,} -> {added['bank_after']:,}"
+            )
+        got = _evaluate(det, test_set)
+        lines.append(
+            f"| fit + 5 updates, grow {rule} | {got['image_auroc']:.4f} | "
+            f"{got['pixel_auroc']:.4f} | {got['aupro']:.4f} | {len(det.memory_bank_):,} |"
+        )
+        notes.append(f"Steps, grow {rule}: " + "; ".join(steps) + f" (updates {seconds:.1f} s).")
+        raw[f"{name}/sequence {ratio} grow {rule}"] = {
+            "full": {k: v for k, v in got_full.items() if k not in ("scores", "maxima")},
+            "updated": {k: v for k, v in got.items() if k not in ("scores", "maxima")},
+            "steps": steps,
+        }
+        del det
+    lines += ["", *notes, ""]
+    print("\n".join(lines[-(len(grow) + len(notes) + 8) :]), flush=True)
 
 
 def main() -> None:
@@ -192,8 +214,12 @@ def main() -> None:
     parser.add_argument("--ratios", default="0.01,0.1", help="PatchCore coreset ratios")
     parser.add_argument("--methods", default="padim,spade,patchcore", help="methods to compare")
     parser.add_argument("--sequence", default="0.1", help="ratios of the 5-update sequence")
+    parser.add_argument(
+        "--grow", default="radius,ratio", help="PatchCore's growth rules to run (update's grow=)"
+    )
     parser.add_argument("--out", help="results file name under benchmarks/results/")
     args = parser.parse_args()
+    grow = [g for g in args.grow.split(",") if g]
     ratios = [float(r) for r in args.ratios.split(",") if r]
     seq = [float(r) for r in args.sequence.split(",") if r]
     lines = [header()]
@@ -201,9 +227,9 @@ def main() -> None:
     for item in args.category:
         name, _, path = item.partition("=")
         test_set = load_category(path)
-        halves(name, test_set, ratios, args.methods.split(","), lines, raw)
+        halves(name, test_set, ratios, args.methods.split(","), grow, lines, raw)
         for ratio in seq:
-            sequence(name, test_set, ratio, lines, raw)
+            sequence(name, test_set, ratio, grow, lines, raw)
         write_results(args.out, "\n".join(lines) + "\n")
     lines.append(f"Load average at the end: {Path('/proc/loadavg').read_text().split()[0]}.")
     text = "\n".join(lines) + "\n"

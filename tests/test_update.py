@@ -119,6 +119,45 @@ def test_patchcore_cap_and_radius_estimate(halves) -> None:
     assert det.coreset_radius_ >= added["radius"]  # capped: the radius grows to what is left
 
 
+def test_patchcore_grow_ratio_keeps_the_share_a_refit_would_pick(halves, tmp_path: Path) -> None:
+    a, b, _ = halves
+    det = PatchCore(**FAST, coreset_ratio=0.25).fit(a)
+    per_image = det.coreset_patches_ // len(a)
+    assert det.coreset_patches_ == per_image * len(a)  # every patch the fit chose from
+    bank = det.memory_bank_.clone()
+    det.save(tmp_path / "a.safetensors")
+    loaded = load(tmp_path / "a.safetensors")
+    assert loaded.coreset_patches_ == det.coreset_patches_
+    loaded.update(b, grow="ratio")
+    added = loaded.last_update_.added
+    assert added["rule"] == "ratio"
+    refit_size = round(0.25 * per_image * (len(a) + len(b)))
+    assert (
+        len(loaded.memory_bank_)
+        == refit_size
+        == len(PatchCore(**FAST, coreset_ratio=0.25).fit(a + b).memory_bank_)
+    )
+    assert torch.equal(loaded.memory_bank_[: len(bank)], bank)  # the old bank is kept
+    assert loaded.coreset_patches_ == per_image * (len(a) + len(b))
+    # the farthest first, as Alg. 1: the radius rule's additions are the ratio rule's first ones
+    by_radius = PatchCore(**FAST, coreset_ratio=0.25).fit(a).update(b)
+    n = by_radius.last_update_.added["patches_added"]
+    assert 0 < n < added["patches_added"]
+    assert torch.equal(loaded.memory_bank_[: len(bank) + n], by_radius.memory_bank_)
+    # an older file without the count: estimated from the bank's size
+    del det.coreset_patches_
+    det.update(b, grow="ratio", max_added=4)
+    assert det.last_update_.added["patches_added"] == 4
+
+
+def test_update_refuses_grow_ratio_for_other_methods_and_unknown_rules(halves) -> None:
+    a, b, _ = halves
+    with pytest.raises(ConfigError, match="grow='ratio'"):
+        PaDiM(**FAST).fit(a).update(b, grow="ratio")
+    with pytest.raises(ConfigError, match="grow must be one of radius, ratio"):
+        PatchCore(**FAST, coreset_ratio=0.25).fit(a).update(b, grow="density")
+
+
 def test_update_refuses_max_added_for_other_methods(halves) -> None:
     a, b, _ = halves
     with pytest.raises(ConfigError, match="max_added"):
@@ -278,7 +317,8 @@ def test_update_errors_are_one_line_and_leave_nothing(
     assert code == 2
     assert "already exists (use --force" in err
     assert out.read_bytes() == before
-    assert _update(capsys, model_file, new, out, "--force")[0] == 0
+    assert _update(capsys, model_file, new, out, "--force", "--grow", "ratio")[0] == 0
+    assert load(out).lineage_["updates"][-1]["added"]["rule"] == "ratio"
     code, err = _update(capsys, model_file, new, out, "--force", "--calibration-split", "2")
     assert code == 2
     assert "calibration_split must be in [0, 1)" in err

@@ -1,13 +1,40 @@
-"""Parsing ``--set key=value`` against a detector's constructor signature, so that command-line
-flags can never drift from the code."""
+"""A detector's constructor parameters: reading them (:class:`Parameters`) and parsing
+``--set key=value`` against the constructor's signature, so that command-line flags can never
+drift from the code."""
 
 from __future__ import annotations
 
+import inspect
 import types
 import typing
 from typing import Any
 
 from patchad.errors import ConfigError
+
+
+class Parameters:
+    """Estimator-style access to the constructor parameters, which each detector stores as
+    attributes of the same names."""
+
+    @classmethod
+    def param_names(cls) -> list[str]:
+        """Constructor parameter names, in signature order."""
+        return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+
+    @classmethod
+    def param_types(cls) -> dict[str, Any]:
+        """Constructor parameter annotations, resolved."""
+        hints = typing.get_type_hints(cls.__init__)
+        return {name: hints[name] for name in cls.param_names()}
+
+    def get_params(self) -> dict[str, Any]:
+        """The constructor parameters as stored (JSON-friendly)."""
+        return {name: getattr(self, name) for name in self.param_names()}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({args})"
+
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}

@@ -14,8 +14,13 @@ Only the new images go through the backbone. What each method does with them:
   lies beyond the covering radius the fit reached (``coreset_radius_``, recorded at fit; a model
   without it estimates it from its bank, :func:`patchad.ops.coreset.bank_radius`, and says so).
   New patches already covered add nothing, so the bank grows only by what is new, and every
-  training patch, old or new, stays within the radius. ``max_added`` caps the growth. The
-  search index and the Eq. 7 neighbours are rebuilt for the new bank.
+  training patch, old or new, stays within the radius. That is ``grow="radius"``, the default.
+  ``grow="ratio"`` continues the same farthest-first selection until the bank holds
+  ``coreset_ratio`` of every patch seen, old and new (``coreset_patches_``, recorded at fit;
+  estimated as bank size / ratio for older files): the bank size a refit on old and new images
+  would pick, so a stream of updates keeps the fit's density where the radius rule keeps its
+  radius. ``max_added`` caps either. The search index and the Eq. 7 neighbours are rebuilt for
+  the new bank.
 
 The geometry, backbone, layers and preprocessing are the model's own. PaDiM needs its training
 input shape and SPADE its gallery's shape: an image of another shape is refused before any work.
@@ -59,6 +64,22 @@ if TYPE_CHECKING:
 #: Methods whose stored calibration scores bound the updated model's scores of the same images
 #: from above (image threshold and pixel threshold), see the module docstring.
 SCORES_ONLY_FALL = {"patchcore": "image and pixel", "spade": "image"}
+
+#: PatchCore's rules for how much the memory bank grows in an update (the module docstring).
+GROW_RULES = ("radius", "ratio")
+
+
+@dataclass(frozen=True)
+class Growth:
+    """How much PatchCore's memory bank may grow in one update.
+
+    Attributes:
+        rule: one of :data:`GROW_RULES`.
+        max_added: most patches added (None: no cap).
+    """
+
+    rule: str = "radius"
+    max_added: int | None = None
 
 
 @dataclass(frozen=True)
@@ -114,6 +135,7 @@ def update_detector(
     *,
     calibration: Images | None = None,
     max_added: int | None = None,
+    grow: str = "radius",
     progress: bool = False,
     skip_bad: bool = False,
 ) -> UpdateReport:
@@ -123,7 +145,8 @@ def update_detector(
 
     Raises:
         NotFittedError: ``det`` is not fitted.
-        ConfigError: ``max_added`` on a method other than PatchCore, or an invalid value.
+        ConfigError: ``max_added`` or ``grow="ratio"`` on a method other than PatchCore, or an
+            invalid value.
         PatchadError: no images, an image the model cannot take, or a model that cannot be
             updated (a PaDiM without covariances).
     """
@@ -135,6 +158,12 @@ def update_detector(
             raise ConfigError(f"max_added caps PatchCore's memory bank; {det.method} has none")
         if not isinstance(max_added, int) or max_added < 0:
             raise ConfigError(f"max_added must be an integer >= 0 or None, got {max_added!r}")
+    if grow not in GROW_RULES:
+        raise ConfigError(f"grow must be one of {', '.join(GROW_RULES)}, got {grow!r}")
+    if grow != "radius" and det.method != "patchcore":
+        raise ConfigError(
+            f"grow={grow!r} sets how PatchCore's memory bank grows; {det.method} has none"
+        )
     det._check_updatable()
     items = as_items(images)
     if not items:
@@ -161,7 +190,7 @@ def update_detector(
             yield features
 
     with torch.inference_mode():
-        added = work._update(counted(), len(train), max_added)
+        added = work._update(counted(), len(train), Growth(grow, max_added))
     work.n_train_ = getattr(det, "n_train_", 0) + seen[0]
     how = _recalibrate(work, det, calib, explicit=calibration is not None, progress=progress)
     history = dict(getattr(det, "lineage_", None) or {})

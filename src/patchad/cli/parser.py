@@ -178,6 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="PatchCore: most patches added to the memory bank (default: no cap)",
     )
+    update.add_argument(
+        "--grow",
+        choices=("radius", "ratio"),
+        default="radius",
+        help="PatchCore: add the new patches beyond the fit's covering radius (radius, the "
+        "default), or grow the bank to coreset_ratio of every patch seen, as a refit would "
+        "(ratio); docs/update.md",
+    )
     update.add_argument("--out", required=True, help="model file to write (.safetensors)")
     update.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     update.add_argument("--weights", help="backbone weights file, if not where it was at fit")

@@ -57,6 +57,7 @@ def cmd_update(args: argparse.Namespace) -> int:
         images,
         calibration=calibration,
         max_added=args.max_added,
+        grow=args.grow,
         progress=not args.quiet,
         skip_bad=args.skip_bad,
     )
@@ -67,8 +68,8 @@ def cmd_update(args: argparse.Namespace) -> int:
     if "patches_added" in added:
         what = (
             f"{added['patches_added']:,} of {added['new_patches']:,} new patches added to the "
-            f"memory bank ({added['bank_before']:,} -> {added['bank_after']:,}; covering radius "
-            f"{added['radius']:.6g}, {added['radius_from']})"
+            f"memory bank ({added['bank_before']:,} -> {added['bank_after']:,}; grow "
+            f"{added['rule']}; covering radius {added['radius']:.6g}, {added['radius_from']})"
         )
     elif "gallery_after" in added:
         what = f"gallery {added['gallery_before']:,} -> {added['gallery_after']:,} images"

@@ -7,7 +7,6 @@ Subclasses supply the middle: ``_fit(batches)`` learns from training features, a
 
 from __future__ import annotations
 
-import inspect
 import os
 import typing
 from collections.abc import Iterator
@@ -36,11 +35,14 @@ from patchad.geometry import (
 from patchad.loading import ImageLike, Images, as_items, iter_batches
 from patchad.modelfile import checksum, model_id, write_model
 from patchad.ops.maps import anomaly_map
+from patchad.params import Parameters
 from patchad.prediction import Prediction, decide
 from patchad.testhold import hold
 
 if typing.TYPE_CHECKING:
     from typing_extensions import Self
+
+    from patchad.update import Growth
 
 
 #: Input normalisations: None = the backbone's pretrained config (``FeatureExtractor.mean/std``).
@@ -50,7 +52,7 @@ NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]] | None] = 
 }
 
 
-class Detector(InputGeometry):
+class Detector(InputGeometry, Parameters):
     """Base class: fit on good images, predict scores and maps, save and load.
 
     Constructor parameters are keyword-only and stored as given (scikit-learn style); learned
@@ -106,25 +108,6 @@ class Detector(InputGeometry):
         self.seed = seed
 
     # ------------------------------------------------------------------ parameters
-    @classmethod
-    def param_names(cls) -> list[str]:
-        """Constructor parameter names, in signature order."""
-        return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-
-    @classmethod
-    def param_types(cls) -> dict[str, Any]:
-        """Constructor parameter annotations, resolved."""
-        hints = typing.get_type_hints(cls.__init__)
-        return {name: hints[name] for name in cls.param_names()}
-
-    def get_params(self) -> dict[str, Any]:
-        """The constructor parameters as stored (JSON-friendly)."""
-        return {name: getattr(self, name) for name in self.param_names()}
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
-        return f"{type(self).__name__}({args})"
-
     def _validate(self) -> None:
         """Check parameters before any work; raise :class:`ConfigError`."""
         self._validate_geometry()
@@ -299,6 +282,7 @@ class Detector(InputGeometry):
         *,
         calibration: Images | None = None,
         max_added: int | None = None,
+        grow: str = "radius",
         progress: bool = False,
         skip_bad: bool = False,
     ) -> Self:
@@ -308,11 +292,12 @@ class Detector(InputGeometry):
 
         Args:
             images: new good images, as for :meth:`fit`; ``calibration_split`` of them are
-                held out for the thresholds.
+                held out for the thresholds (unless ``calibration`` is given).
             calibration: good images to recalibrate on instead (every new image goes in).
             max_added: PatchCore only: most patches added to the memory bank (None: no cap).
-            progress: show progress bars.
-            skip_bad: skip unreadable images with a warning each instead of raising.
+            grow: PatchCore only: ``"radius"`` (what lies beyond the fit's covering radius) or
+                ``"ratio"`` (until the bank is ``coreset_ratio`` of every patch seen).
+            progress, skip_bad: as for :meth:`fit`.
 
         Returns:
             self; what changed is in ``last_update_`` (:class:`patchad.update.UpdateReport`).
@@ -324,6 +309,7 @@ class Detector(InputGeometry):
             images,
             calibration=calibration,
             max_added=max_added,
+            grow=grow,
             progress=progress,
             skip_bad=skip_bad,
         )
@@ -338,7 +324,7 @@ class Detector(InputGeometry):
         return None
 
     def _update(
-        self, batches: Iterator[list[Tensor]], num_images: int, max_added: int | None
+        self, batches: Iterator[list[Tensor]], num_images: int, growth: Growth
     ) -> dict[str, Any]:
         """Add the new training feature batches to the model; return what was added (for the
         lineage and the report: JSON-friendly numbers)."""

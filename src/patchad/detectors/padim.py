@@ -4,7 +4,7 @@ and Localization", ICPR 2020 workshops, 2021)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,6 +23,9 @@ from patchad.ops.gaussian import (
     moments_from_gaussians,
 )
 from patchad.ops.patches import align_and_concat
+
+if TYPE_CHECKING:
+    from patchad.update import Growth
 
 #: The paper's reduced sizes d for its two backbones (R18-Rd100, WR50-Rd550), layers 1-3.
 PAPER_N_FEATURES = {"resnet18": 100, "wide_resnet50_2": 550}
@@ -412,7 +415,7 @@ class PaDiM(Detector):
             )
 
     def _update(
-        self, batches: Iterator[list[Tensor]], num_images: int, max_added: int | None
+        self, batches: Iterator[list[Tensor]], num_images: int, growth: Growth
     ) -> dict[str, Any]:
         """Merge the new images' sums with the sums the stored mean and covariance stand for
         (:func:`~patchad.ops.gaussian.moments_from_gaussians`): the Gaussians a fit on the old

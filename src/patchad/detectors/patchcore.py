@@ -26,7 +26,7 @@ from patchad.ops.scores import reweighted_image_score
 from patchad.store import RowStore
 
 if TYPE_CHECKING:
-    pass
+    from patchad.update import Growth
 
 MB = 1024 * 1024
 #: Relative slack on the covering radius when :meth:`PatchCore.update` asks whether a new patch
@@ -405,6 +405,7 @@ class PatchCore(Detector):
         try:
             total = store.filled
             n = max(1, round(self.coreset_ratio * total))
+            self.coreset_patches_ = total
             if n >= total:
                 self.memory_bank_ = store.all().float().contiguous()
                 self.coreset_radius_ = 0.0
@@ -428,20 +429,28 @@ class PatchCore(Detector):
             store.close()
 
     def _state(self) -> dict[str, Any]:
-        radius = getattr(self, "coreset_radius_", None)
-        return {} if radius is None else {"coreset_radius": radius}
+        facts = {
+            "coreset_radius": getattr(self, "coreset_radius_", None),
+            "coreset_patches": getattr(self, "coreset_patches_", None),
+        }
+        return {k: v for k, v in facts.items() if v is not None}
 
     def _set_state(self, state: dict[str, Any]) -> None:
         if "coreset_radius" in state:  # absent from files made before updates
             self.coreset_radius_ = float(state["coreset_radius"])
+        if "coreset_patches" in state:  # absent from files made before `grow="ratio"`
+            self.coreset_patches_ = int(state["coreset_patches"])
 
     def _update(
-        self, batches: Iterator[list[Tensor]], num_images: int, max_added: int | None
+        self, batches: Iterator[list[Tensor]], num_images: int, growth: Growth
     ) -> dict[str, Any]:
         """Continue the greedy coreset over the new patches
-        (:func:`~patchad.ops.coreset.extend_cover`): add the farthest new patch while it lies
-        beyond the fit's covering radius, so the bank grows only by what is new; then the
-        search index is rebuilt for the new bank."""
+        (:func:`~patchad.ops.coreset.extend_cover`), then drop the search index of the old bank.
+
+        ``growth.rule``: ``"radius"`` adds the farthest new patch while it lies beyond the fit's
+        covering radius, so the bank grows only by what is new; ``"ratio"`` adds the farthest
+        new patches until the bank holds ``coreset_ratio`` of every patch seen, old and new (the
+        size a refit would pick). ``growth.max_added`` caps either."""
         store, projected, matrix, _ = self._store(batches, None, num_images)
         try:
             bank = self.memory_bank_
@@ -452,19 +461,30 @@ class PatchCore(Detector):
             if radius is None:  # a model file from before updates: estimate from the bank
                 radius = bank_radius(centres) if len(centres) > 1 else 0.0
                 source = "estimated from the bank"
-            cover = extend_cover(points, centres, radius * (1 + COVER_RTOL), max_new=max_added)
-            added = cover.index
+            seen = getattr(self, "coreset_patches_", None)
+            if seen is None:  # a model file from before `grow="ratio"`: from the bank's size
+                seen = round(len(bank) / self.coreset_ratio)
             new_patches = store.filled
+            cap = growth.max_added
+            if growth.rule == "ratio":
+                want = max(0, round(self.coreset_ratio * (seen + new_patches)) - len(bank))
+                cap = want if cap is None else min(cap, want)
+                cover = extend_cover(points, centres, 0.0, max_new=cap)
+            else:
+                cover = extend_cover(points, centres, radius * (1 + COVER_RTOL), max_new=cap)
+            added = cover.index
             if len(added):
                 self.memory_bank_ = torch.cat([bank, store.gather(added)]).contiguous()
-            # every training patch within the radius: a capped update may leave new patches
-            # farther out, and the radius grows to the farthest
-            capped = max_added is not None and len(added) == max_added
-            self.coreset_radius_ = max(radius, cover.radius) if capped else radius
+            # every training patch within the radius: an update stopped by a count may leave
+            # new patches farther out, and the radius grows to the farthest
+            counted = growth.rule == "ratio" or (cap is not None and len(added) == cap)
+            self.coreset_radius_ = max(radius, cover.radius) if counted else radius
+            self.coreset_patches_ = seen + new_patches
         finally:
             store.close()
         self.__dict__.pop("_index", None)  # the search index belongs to the old bank
         return {
+            "rule": growth.rule,
             "new_patches": new_patches,
             "patches_added": len(added),
             "bank_before": len(bank),

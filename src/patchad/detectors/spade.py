@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +14,9 @@ from torch import Tensor
 from patchad.detectors.base import Detector
 from patchad.errors import ConfigError, PatchadError
 from patchad.ops.knn import knn, min_distance
+
+if TYPE_CHECKING:
+    from patchad.update import Growth
 
 #: Most gallery rows (patches of the retrieved images) gathered into one piece for the pixel kNN,
 #: so the copy stays bounded whatever K; :func:`patchad.ops.knn.min_distance` tiles each piece.
@@ -176,7 +179,7 @@ class SPADE(Detector):
         return None
 
     def _update(
-        self, batches: Iterator[list[Tensor]], num_images: int, max_added: int | None
+        self, batches: Iterator[list[Tensor]], num_images: int, growth: Growth
     ) -> dict[str, Any]:
         """Append the new images to the gallery and the pooled features, in order: the gallery
         a fit on the old images followed by the new ones holds."""
