@@ -56,8 +56,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         calibration = _good_images(args.calibration_dir)
     if args.device is not None and args.ray is not None:
         raise PatchadError("--device: not with --ray (its workers choose their own)")
-    _say(args, f"fitting {args.method} on {len(images)} images from {args.data}")
     device = resolve_device(args.device or "auto")  # a missing GPU fails here, before any work
+    _say(args, f"fitting {args.method} on {len(images)} images from {args.data}")
     if args.ray is None:
         _say(args, describe_device(device))
         for line in detector.describe_fit(images):  # geometry, tiles, memory, coreset choice
