@@ -62,6 +62,7 @@ class _Graph(nn.Module):
         super().__init__()
         from patchad.ops.maps import _map_matrix
 
+        detector._use_device("cpu")  # the graph is traced on the CPU, whatever it was fitted on
         pre = detector.preprocess_
         self.backbone = detector.extractor_.model
         self.register_buffer("mean", torch.tensor(pre.mean, dtype=torch.float32).view(1, 3, 1, 1))
@@ -427,7 +428,7 @@ def export_model_file(
     if target.exists() and not force:
         raise PatchadError(f"{target}: already exists (use --force to overwrite)")
     try:
-        detector = load(model, weights=weights)
+        detector = load(model, weights=weights, device="cpu")
     except PatchadError as exc:
         raise PatchadError(f"export: {exc}") from None
     return export_onnx(detector, out, force=force, source=str(model))

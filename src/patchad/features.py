@@ -399,15 +399,23 @@ class FeatureExtractor(nn.Module):
             fast = fast.to(memory_format=torch.channels_last)
         object.__setattr__(self, "inference_model", fast)  # not a submodule: no second state
 
+    def on(self, device: torch.device) -> FeatureExtractor:
+        """Move the inference copy to ``device`` (once; ``model``, whose weights the fingerprint
+        and the export read, stays on the CPU) and return self."""
+        if next(self.inference_model.parameters()).device != device:
+            self.inference_model.to(device)
+        return self
+
     @torch.inference_mode()
     def forward(self, images: Tensor) -> list[Tensor]:
         """Feature maps of the chosen layers.
 
         Args:
-            images: normalised images, shape (B, 3, H, W).
+            images: normalised images, shape (B, 3, H, W), on the device of the inference
+                copy (:meth:`on`).
 
         Returns:
-            One tensor per layer, shape (B, C_l, H / stride_l, W / stride_l).
+            One tensor per layer, shape (B, C_l, H / stride_l, W / stride_l), on that device.
         """
         if self.channels_last:  # outputs back to the default layout, as the patch code expects
             images = images.contiguous(memory_format=torch.channels_last)

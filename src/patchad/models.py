@@ -36,6 +36,7 @@ def load_model(
     weights: str | None = None,
     threads: int | None = None,
     engine: str | None = None,
+    device: str = "auto",
 ) -> Any:
     """Load a model: ``.onnx`` with :func:`patchad.runtime.load` (no torch), anything else with
     :func:`patchad.detectors.load`. Both give ``predict``/``iter_predict`` returning
@@ -47,6 +48,8 @@ def load_model(
         threads: CPU threads of the ONNX runtime (None: its default).
         engine: what runs an exported model, ``"onnxruntime"`` (None: the default) or
             ``"openvino"``.
+        device: where it predicts, ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``
+            (:mod:`patchad.devices`; for ``.onnx``, onnxruntime's CUDA provider).
 
     Raises:
         PatchadError: a bad file, ``weights`` given for an exported model, or ``engine`` for a
@@ -58,13 +61,13 @@ def load_model(
 
         if weights is not None:
             raise PatchadError(f"{p}: --weights does not apply to an exported model")
-        return load_onnx(p, threads=threads, engine=engine or "onnxruntime")
+        return load_onnx(p, threads=threads, engine=engine or "onnxruntime", device=device)
     if engine is not None:
         raise PatchadError(f"{p}: --engine applies to exported (.onnx) models only")
     try:
         from patchad.detectors import load
 
-        return load(p, weights=weights)
+        return load(p, weights=weights, device=device)
     except ModuleNotFoundError as exc:
         missing = missing_training_module(exc)
         if missing is None:

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from patchad.batching import Images, as_items, iter_loaded
+from patchad.devices import cuda_index, parse_device
 from patchad.errors import PatchadError
 from patchad.onnxfile import read_onnx_metadata
 from patchad.prediction import Prediction, decide
@@ -44,6 +45,31 @@ def _onnxruntime(path: Path) -> Any:
             f"({INSTALL_HINT}, or pip install 'patchad[onnx]')"
         ) from None
     return onnxruntime
+
+
+CUDA_PROVIDER = "CUDAExecutionProvider"
+CPU_PROVIDER = "CPUExecutionProvider"
+
+
+def choose_providers(device: str, available: list[str]) -> list[str | tuple[str, dict[str, Any]]]:
+    """onnxruntime execution providers for a device name, given the installed ones.
+
+    ``"auto"`` takes CUDA first (CPU as its fallback for any node CUDA lacks) when the CUDA
+    provider is installed (``pip install onnxruntime-gpu``), else the CPU; ``"cpu"`` the CPU
+    only; ``"cuda"`` / ``"cuda:N"`` that GPU, or an error where the provider is missing.
+
+    Raises:
+        PatchadError: an unknown device name, or CUDA asked for without its provider.
+    """
+    device = parse_device(device)
+    if device == "cpu" or (device == "auto" and CUDA_PROVIDER not in available):
+        return [CPU_PROVIDER]
+    if CUDA_PROVIDER not in available:
+        raise PatchadError(
+            f"device {device!r}: onnxruntime has no CUDA provider here (installed: "
+            f"{', '.join(available)}); pip install onnxruntime-gpu, or use device 'cpu'"
+        )
+    return [(CUDA_PROVIDER, {"device_id": cuda_index(device)}), CPU_PROVIDER]
 
 
 def _openvino_session(path: Path, threads: int | None) -> Any:
@@ -209,6 +235,7 @@ def load(
     providers: list[str] | None = None,
     arena: bool | None = None,
     engine: str = "onnxruntime",
+    device: str = "auto",
 ) -> ExportedModel:
     """Open a model written by ``patchad export``.
 
@@ -216,7 +243,8 @@ def load(
         path: the ``.onnx`` file.
         batch_size: images per run (default: the fitted model's ``batch_size``).
         threads: the engine's CPU threads (default: its choice).
-        providers: onnxruntime execution providers (default: CPU).
+        providers: onnxruntime execution providers (default: :func:`choose_providers` for
+            ``device``).
         arena: keep onnxruntime's CPU memory arena. Default (None): on for SPADE, off for
             PatchCore and PaDiM. Measured on bottle (lite0, 256 px, batch 8, 83 images, no
             torch): PatchCore 1 % peaked at 353 MiB and 44 ms/img with it off, 436 MiB and
@@ -225,6 +253,8 @@ def load(
             and 297 ms/img (649 MiB) with it on (torch: 424-451 ms/img).
         engine: ``"onnxruntime"`` or ``"openvino"`` (``providers`` and ``arena`` are
             onnxruntime's).
+        device: ``"auto"`` (onnxruntime's CUDA provider when installed, else CPU), ``"cpu"``,
+            ``"cuda"`` or ``"cuda:N"``; OpenVINO runs on the CPU (``"auto"`` or ``"cpu"``).
 
     Raises:
         PatchadError: the engine is unknown or not installed, or the file is missing,
@@ -233,7 +263,10 @@ def load(
     p = Path(path)
     if engine not in ENGINES:
         raise PatchadError(f"{p}: unknown engine {engine!r} (expected one of {', '.join(ENGINES)})")
+    device = parse_device(device)
     if engine == "openvino":
+        if device not in ("auto", "cpu"):
+            raise PatchadError(f"{p}: engine openvino runs on the CPU, not device {device!r}")
         metadata = read_onnx_metadata(p)
         session = _openvino_session(p, threads)
         return ExportedModel(p, metadata, session, batch_size or int(metadata["batch_size"]))
@@ -244,11 +277,21 @@ def load(
         options.intra_op_num_threads = threads
     options.log_severity_level = 3
     options.enable_cpu_mem_arena = metadata["method"] == "spade" if arena is None else arena
+    if not providers:
+        try:
+            chosen = choose_providers(device, list(ort.get_available_providers()))
+        except PatchadError as exc:
+            raise PatchadError(f"{p}: {exc}") from None
+    else:
+        chosen = list(providers)
     try:
-        session = ort.InferenceSession(
-            str(p), sess_options=options, providers=providers or ["CPUExecutionProvider"]
-        )
+        session = ort.InferenceSession(str(p), sess_options=options, providers=chosen)
     except Exception as exc:  # onnxruntime raises its own exception types
         reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
         raise PatchadError(f"{p}: onnxruntime cannot load the model ({reason})") from None
+    if device.startswith("cuda") and not providers and CUDA_PROVIDER not in session.get_providers():
+        raise PatchadError(  # onnxruntime falls back to the CPU when CUDA's libraries fail
+            f"{p}: onnxruntime could not start its CUDA provider for device {device!r} (are the "
+            "CUDA and cuDNN libraries onnxruntime-gpu needs installed?); use device 'cpu'"
+        )
     return ExportedModel(p, metadata, session, batch_size or int(metadata["batch_size"]))

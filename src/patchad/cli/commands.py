@@ -42,6 +42,7 @@ def _method_settings(method: str, args: argparse.Namespace) -> dict[str, Any]:
 def cmd_fit(args: argparse.Namespace) -> int:
     from patchad.data import training_images
     from patchad.detectors import DETECTORS
+    from patchad.devices import describe_device, resolve_device
 
     out = Path(args.out)
     if out.exists() and not args.force:
@@ -53,8 +54,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
     calibration = None
     if args.calibration_dir is not None:
         calibration = _good_images(args.calibration_dir)
+    if args.device is not None and args.ray is not None:
+        raise PatchadError("--device: not with --ray (its workers choose their own)")
+    device = resolve_device(args.device or "auto")  # a missing GPU fails here, before any work
     _say(args, f"fitting {args.method} on {len(images)} images from {args.data}")
     if args.ray is None:
+        _say(args, describe_device(device))
         for line in detector.describe_fit(images):  # geometry, tiles, memory, coreset choice
             _say(args, line)
     start = time.perf_counter()
@@ -62,7 +67,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
         _fit_on_ray(args, detector, images, calibration)
     else:
         detector.fit(
-            images, calibration=calibration, progress=not args.quiet, skip_bad=args.skip_bad
+            images,
+            calibration=calibration,
+            progress=not args.quiet,
+            skip_bad=args.skip_bad,
+            device=device,
         )
     if detector.is_calibrated:
         _say(
@@ -117,7 +126,10 @@ def _load_model(args: argparse.Namespace) -> Any:
     from patchad.models import load_model
 
     engine = getattr(args, "engine", None)
-    return load_model(args.model, weights=args.weights, threads=args.threads, engine=engine)
+    device = getattr(args, "device", None) or "auto"
+    return load_model(
+        args.model, weights=args.weights, threads=args.threads, engine=engine, device=device
+    )
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -131,6 +143,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise PatchadError("--resume: only with --ray")
     if args.engine is not None and args.ray is not None:
         raise PatchadError("--engine: not with --ray (its workers use the default engine)")
+    if args.device is not None and args.ray is not None:
+        raise PatchadError("--device: not with --ray (its workers choose their own)")
     detector = _load_model(args)
     if args.fail_on_anomaly and not detector.is_calibrated:
         raise PatchadError(

@@ -62,6 +62,25 @@ def _engine_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _device_name(value: str) -> str:
+    from patchad.devices import parse_device  # imports no torch
+
+    try:
+        return parse_device(value)
+    except PatchadError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _device_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--device",
+        type=_device_name,
+        metavar="DEVICE",
+        help=f"where {what} runs: auto (default: CUDA when torch sees a GPU, else CPU), cpu, "
+        "cuda or cuda:N",
+    )
+
+
 def _intervals_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-intervals",
@@ -133,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument(
         "--skip-bad", action="store_true", help="skip unreadable images with a warning each"
     )
+    _device_argument(fit, "the fit (backbone, coreset or Gaussians)")
     _ray_arguments(fit)
     _cpus_argument(fit, "coreset shard task")
     fit.set_defaults(func="fit")
@@ -211,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", required=True, help="output folder")
     predict.add_argument("--weights", help="backbone weights file, if not where it was at fit")
     _engine_argument(predict)
+    _device_argument(predict, "scoring (an .onnx model: onnxruntime's CUDA provider, if installed)")
     predict.add_argument("--force", action="store_true", help="write into a non-empty --out")
     predict.add_argument(
         "--skip-bad", action="store_true", help="skip unreadable images with a warning each"

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from patchad import lineage
 from patchad.detectors.inputs import InputGeometry
+from patchad.devices import OnDevice, to_cpu
 from patchad.errors import ConfigError, NotFittedError
 from patchad.features import (
     FeatureExtractor,
@@ -32,7 +33,7 @@ from patchad.geometry import (
     Size,
     stitch,
 )
-from patchad.loading import ImageLike, Images, as_items, iter_batches
+from patchad.loading import Images, as_items, iter_batches
 from patchad.modelfile import checksum, model_id, write_model
 from patchad.ops.maps import anomaly_map
 from patchad.params import Parameters
@@ -52,7 +53,7 @@ NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]] | None] = 
 }
 
 
-class Detector(InputGeometry, Parameters):
+class Detector(InputGeometry, Parameters, OnDevice):
     """Base class: fit on good images, predict scores and maps, save and load.
 
     Constructor parameters are keyword-only and stored as given (scikit-learn style); learned
@@ -161,8 +162,10 @@ class Detector(InputGeometry, Parameters):
         )
 
     def features(self, images: Tensor) -> list[Tensor]:
-        """Backbone feature maps of preprocessed images (B, 3, H, W), one per layer."""
-        return self.extractor_(images)
+        """Backbone feature maps of preprocessed images (B, 3, H, W), one per layer, computed
+        on (and returned on) :attr:`device_in_use`."""
+        device = self.device_in_use
+        return self.extractor_.on(device)(images.to(device))
 
     def _views(self, tensor: Tensor) -> tuple[list[Tensor], list[Box]]:
         """One preprocessed image (3, H, W) cut into its backbone inputs, and their boxes."""
@@ -195,32 +198,6 @@ class Detector(InputGeometry, Parameters):
             for _, stacked in self._grouped(views):
                 yield self.features(stacked)
 
-    def split_calibration(self, images: Images) -> tuple[list[ImageLike], list[ImageLike]]:
-        """Split good images into (training, calibration) by ``calibration_split`` and ``seed``.
-
-        ``round(calibration_split * N)`` images, at least 1 when the split is > 0, are drawn
-        without replacement by a ``torch.Generator`` seeded with ``seed``; both parts keep the
-        input order.
-
-        Raises:
-            ConfigError: the split would leave no image for training.
-        """
-        items = as_items(images)
-        if not self.calibration_split:
-            return items, []
-        n_cal = max(1, round(self.calibration_split * len(items)))
-        if n_cal >= len(items):
-            raise ConfigError(
-                f"calibration_split={self.calibration_split} holds out {n_cal} of "
-                f"{len(items)} images, leaving none for training; give more images or "
-                "set calibration_split=0"
-            )
-        generator = torch.Generator().manual_seed(self.seed)
-        held = set(torch.randperm(len(items), generator=generator)[:n_cal].tolist())
-        train = [x for i, x in enumerate(items) if i not in held]
-        calib = [x for i, x in enumerate(items) if i in held]
-        return train, calib
-
     def fit(
         self,
         images: Images,
@@ -228,6 +205,7 @@ class Detector(InputGeometry, Parameters):
         calibration: Images | None = None,
         progress: bool = False,
         skip_bad: bool = False,
+        device: str | torch.device = "auto",
     ) -> Self:
         """Learn what normal looks like from defect-free images, then calibrate thresholds.
 
@@ -238,11 +216,14 @@ class Detector(InputGeometry, Parameters):
             progress: show progress bars.
             skip_bad: skip unreadable images with a ``SkippedImageWarning`` each instead of
                 raising ``PatchadError`` at the first one.
+            device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or
+                ``"cuda:N"`` (:mod:`patchad.devices`); later predictions default to it too.
 
         Returns:
             self.
         """
         self._validate()
+        self._use_device(device)
         for name in (*self.calibration_tensors, "image_threshold_", "pixel_threshold_", "n_train_"):
             self.__dict__.pop(name, None)
         if calibration is not None:
@@ -273,7 +254,7 @@ class Detector(InputGeometry, Parameters):
         self.fingerprint_ = self.extractor_.fingerprint
         self.lineage_ = {"fit": lineage.record(train, seen[0], len(calib)), "updates": []}
         if calib:
-            self.calibrate(calib, progress=progress)
+            self.calibrate(calib, progress=progress, device=self.device_in_use)
         return self
 
     def update(
@@ -337,7 +318,12 @@ class Detector(InputGeometry, Parameters):
         return hasattr(self, "calibration_scores_")
 
     def calibrate(
-        self, images: Images | None = None, *, fpr: float | None = None, progress: bool = False
+        self,
+        images: Images | None = None,
+        *,
+        fpr: float | None = None,
+        progress: bool = False,
+        device: str | torch.device | None = None,
     ) -> Self:
         """Set the image and pixel thresholds from good images; the model itself is unchanged.
 
@@ -352,6 +338,7 @@ class Detector(InputGeometry, Parameters):
                 ``fpr`` changes).
             fpr: chosen false-alarm rate in [0, 1); None keeps ``self.fpr``. Stored as ``fpr``.
             progress: show a progress bar.
+            device: where ``images`` are scored, as for :meth:`predict`.
 
         Returns:
             self.
@@ -367,7 +354,7 @@ class Detector(InputGeometry, Parameters):
                 raise ConfigError(f"fpr must be in [0, 1), got {fpr!r}")
             self.fpr = fpr
         if images is not None:
-            pred = self.predict(images, progress=progress)
+            pred = self.predict(images, progress=progress, device=device)
             self.calibration_scores_ = torch.from_numpy(np.sort(pred.scores).astype(np.float32))
             map_max = np.array([float(m.max()) for m in pred.maps], dtype=np.float32)
             self.calibration_map_max_ = torch.from_numpy(np.sort(map_max))
@@ -388,7 +375,12 @@ class Detector(InputGeometry, Parameters):
 
     @torch.inference_mode()
     def predict(
-        self, images: Images, *, progress: bool = False, skip_bad: bool = False
+        self,
+        images: Images,
+        *,
+        progress: bool = False,
+        skip_bad: bool = False,
+        device: str | torch.device | None = None,
     ) -> Prediction:
         """Score images; higher = more anomalous.
 
@@ -397,12 +389,14 @@ class Detector(InputGeometry, Parameters):
             progress: show a progress bar.
             skip_bad: skip unreadable images with a ``SkippedImageWarning`` each (they are then
                 absent from the result's ``names``) instead of raising at the first one.
+            device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; None keeps the device
+                of the last ``fit``, ``predict`` or ``load`` (:attr:`device_in_use`).
 
         Returns:
-            Image scores (B,) and anomaly maps at each image's original size.
+            Image scores (B,) and anomaly maps at each image's original size (on the CPU).
         """
         scores, maps, names = [], [], []
-        for part in self.iter_predict(images, progress=progress, skip_bad=skip_bad):
+        for part in self.iter_predict(images, progress=progress, skip_bad=skip_bad, device=device):
             scores.append(part.scores)
             maps.extend(part.maps)
             names.extend(part.names)
@@ -422,11 +416,18 @@ class Detector(InputGeometry, Parameters):
         )
 
     def iter_predict(
-        self, images: Images, *, progress: bool = False, skip_bad: bool = False
+        self,
+        images: Images,
+        *,
+        progress: bool = False,
+        skip_bad: bool = False,
+        device: str | torch.device | None = None,
     ) -> Iterator[Prediction]:
         """Like :meth:`predict`, one :class:`Prediction` per batch as soon as it is scored, so a
         caller can keep what finished if a later image fails."""
         self._check_fitted("predict")
+        if device is not None:
+            self._use_device(device)
         items = as_items(images)
         total = -(-len(items) // self.batch_size)
         batches = iter_batches(items, self.preprocess_, self.batch_size, skip_bad=skip_bad)
@@ -455,6 +456,8 @@ class Detector(InputGeometry, Parameters):
         view_maps: list[np.ndarray] = [np.empty(0)] * len(views)
         for index, stacked in self._grouped(views):
             image_scores, maps = self._predict_views(stacked)
+            maps = to_cpu(maps)
+            image_scores = None if image_scores is None else to_cpu(image_scores)
             for j, i in enumerate(index):
                 view_maps[i] = maps[j].numpy()
                 if image_scores is not None:
@@ -485,12 +488,14 @@ class Detector(InputGeometry, Parameters):
         """Score a preprocessed batch of one shape, each image as one backbone input.
 
         Args:
-            images: normalised images, shape (B, 3, H, W).
+            images: normalised images, shape (B, 3, H, W); the detector computes on their
+                device.
 
         Returns:
-            Image scores (B,) and maps at input resolution (B, H, W).
+            Image scores (B,) and maps at input resolution (B, H, W), on that device.
         """
         self._check_fitted("predict")
+        self._use_device(images.device)
         image_scores, maps = self._predict_views(images)
         if image_scores is None:
             image_scores = maps.flatten(1).amax(1)
@@ -533,29 +538,10 @@ class Detector(InputGeometry, Parameters):
         """Restore what :meth:`_state` returned."""
 
     def _payload(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        """The tensors and the state a model file holds."""
-        tensors = {name: getattr(self, name) for name in self.learned_tensors}
-        tensors.update({n: getattr(self, n) for n in self.optional_tensors if hasattr(self, n)})
-        state = self._state()
-        if hasattr(self, "lineage_"):
-            state = {**state, "lineage": self.lineage_}
-        if hasattr(self, "n_train_"):
-            state = {**state, "n_train": self.n_train_}
-        size = self.input_size()
-        state = {**state, "input_size": size if isinstance(size, str) else list(size)}
-        if hasattr(self, "geometry_"):  # the resolved resize, why, and the one input shape
-            state = {**state, "geometry": self.geometry_}
-        if self.is_calibrated:
-            tensors.update({name: getattr(self, name) for name in self.calibration_tensors})
-            state = {
-                **state,
-                "calibration": {
-                    "fpr": self.fpr,
-                    "image_threshold": self.image_threshold_,
-                    "pixel_threshold": self.pixel_threshold_,
-                },
-            }
-        return tensors, state
+        """The tensors and the state a model file holds (:func:`.stored.payload`)."""
+        from patchad.detectors.stored import payload
+
+        return payload(self)
 
     def model_id(self) -> str:
         """The id :meth:`save` writes (:func:`patchad.modelfile.model_id`), from what the

@@ -1,7 +1,7 @@
 """The input geometry every detector shares: the resolved input size (square, HxW, auto,
-native), keep_aspect and tiling plans, the views (images or tiles) the backbone sees, and the
-lines ``fit`` prints about them. A mixin of :class:`patchad.detectors.base.Detector`; the pure
-size arithmetic is in :mod:`patchad.geometry`."""
+native), keep_aspect and tiling plans, the views (images or tiles) the backbone sees, the
+calibration hold-out, and the lines ``fit`` prints about them. A mixin of
+:class:`patchad.detectors.base.Detector`; the pure size arithmetic is in :mod:`patchad.geometry`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import copy
 import math
 import typing
 from typing import ClassVar
+
+import torch
 
 from patchad.errors import ConfigError
 from patchad.features import (
@@ -37,7 +39,8 @@ if typing.TYPE_CHECKING:
 
 class InputGeometry:
     """Geometry methods of :class:`~patchad.detectors.base.Detector` (which holds the
-    parameters ``image_size``, ``resize``, ``tile_size``, ``tile_overlap``, ``crop_size``)."""
+    parameters ``image_size``, ``resize``, ``tile_size``, ``tile_overlap``, ``crop_size``,
+    ``calibration_split`` and ``seed``)."""
 
     #: Whether a fitted model scores inputs of another size than its training inputs: PatchCore's
     #: bank and SPADE's gallery are sets of patches (paper, Sec. 3), PaDiM's Gaussians belong
@@ -237,6 +240,32 @@ class InputGeometry:
             size, None, pre.mean, pre.std, self.resize_mode(), self.max_stride()
         )
         return other
+
+    def split_calibration(self, images: Images) -> tuple[list[ImageLike], list[ImageLike]]:
+        """Split good images into (training, calibration) by ``calibration_split`` and ``seed``.
+
+        ``round(calibration_split * N)`` images, at least 1 when the split is > 0, are drawn
+        without replacement by a ``torch.Generator`` seeded with ``seed``; both parts keep the
+        input order.
+
+        Raises:
+            ConfigError: the split would leave no image for training.
+        """
+        items = as_items(images)
+        if not self.calibration_split:
+            return items, []
+        n_cal = max(1, round(self.calibration_split * len(items)))
+        if n_cal >= len(items):
+            raise ConfigError(
+                f"calibration_split={self.calibration_split} holds out {n_cal} of "
+                f"{len(items)} images, leaving none for training; give more images or "
+                "set calibration_split=0"
+            )
+        generator = torch.Generator().manual_seed(self.seed)
+        held = set(torch.randperm(len(items), generator=generator)[:n_cal].tolist())
+        train = [x for i, x in enumerate(items) if i not in held]
+        calib = [x for i, x in enumerate(items) if i in held]
+        return train, calib
 
     def image_sizes(self, items: list[ImageLike]) -> list[Size | None]:
         """(height, width) of each image from its header, or (1, 1) each when the geometry

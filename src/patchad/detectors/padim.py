@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from patchad.detectors.base import Detector
+from patchad.devices import check_device_memory, to_cpu
 from patchad.errors import ConfigError, PatchadError
 from patchad.geometry import Box, Size
 from patchad.ops.gaussian import (
@@ -286,9 +287,10 @@ class PaDiM(Detector):
 
         Returns:
             ``positions``, ``dim`` (d), ``model`` (``mean_`` and ``inv_cov_``, and ``cov_`` when
-            ``updatable``, float32: what the model file and a loaded model hold) and ``peak``
+            ``updatable``, float32: what the model file and a loaded model hold), ``peak``
             (the fit's float32 sums, shift, sum and sum of outer products, whose buffer becomes
-            ``inv_cov_``, plus ``mean_`` and ``cov_``).
+            ``inv_cov_``, plus ``mean_`` and ``cov_``) and ``device`` (what a fit on a GPU
+            holds there: the same sums and results, ``peak``).
         """
         d = self.resolved_n_features
         cov = positions * d * d * 4 if self.updatable else 0
@@ -297,6 +299,7 @@ class PaDiM(Detector):
             "dim": d,
             "model": positions * d * (d + 1) * 4 + cov,
             "peak": positions * d * (d + 3) * 4 + cov,
+            "device": positions * d * (d + 3) * 4 + cov,
         }
 
     def _describe_views(self, num_images: int, views: list[Size]) -> list[str]:
@@ -320,10 +323,16 @@ class PaDiM(Detector):
     def _check_resources(self, num_images: int) -> None:
         if num_images < 2:
             raise ConfigError(f"PaDiM needs at least 2 training images, got {num_images}")
+        views = getattr(self, "_fit_views", None)
+        if self.device_in_use.type != "cpu" and views:
+            positions = self.view_patches(views[: max(1, len(views) // num_images)])
+            need = self.memory_estimate(positions)["device"]
+            check_device_memory(self.device_in_use, need, f"fitting {positions:,} Gaussians")
 
     def _layer_channels(self) -> list[Tensor]:
-        """``channel_index_`` split by layer, as indices into each layer's own channels."""
-        idx, parts, offset = self.channel_index_, [], 0
+        """``channel_index_`` split by layer, as indices into each layer's own channels (on
+        the compute device)."""
+        idx, parts, offset = self._placed(self.channel_index_), [], 0
         for channels in self.extractor_.channels:
             parts.append(idx[(idx >= offset) & (idx < offset + channels)] - offset)
             offset += channels
@@ -392,9 +401,10 @@ class PaDiM(Detector):
             self.__dict__.pop(name, None)
         cov = torch.empty_like(moments.sum_outer, dtype=torch.float32) if self.updatable else None
         out = moments.sum_outer if moments.sum_outer.dtype == torch.float32 else None
-        self.mean_, self.inv_cov_ = fit_gaussians(moments, self.epsilon, out=out, cov_out=cov)
+        mean, inv_cov = fit_gaussians(moments, self.epsilon, out=out, cov_out=cov)
+        self.mean_, self.inv_cov_ = to_cpu(mean), to_cpu(inv_cov)  # learned tensors: CPU
         if cov is not None:
-            self.cov_, self.count_ = cov, moments.count
+            self.cov_, self.count_ = to_cpu(cov), moments.count
 
     def _update_shape_problem(self, resized: Size) -> str | None:
         shape = getattr(self, "input_shape_", None)
@@ -424,7 +434,9 @@ class PaDiM(Detector):
         new = self.moments(batches)
         if new is None:
             raise PatchadError("no readable image to update with")
-        old = moments_from_gaussians(self.mean_, self.cov_, before, self.epsilon)
+        old = moments_from_gaussians(
+            self._placed(self.mean_), self._placed(self.cov_), before, self.epsilon
+        )
         self.fit_moments(merge_moments(old, new))
         return {"images_before": before, "images_after": self.count_}
 
@@ -440,5 +452,6 @@ class PaDiM(Detector):
         b = features[0].shape[0]
         h, w = features[0].shape[-2:]
         e = self.embed_images(features)
-        distance = mahalanobis(e, self.mean_, self.inv_cov_)  # M(x_ij), Eq. 2
+        mean, inv_cov = self._placed(self.mean_), self._placed(self.inv_cov_)
+        distance = mahalanobis(e, mean, inv_cov)  # M(x_ij), Eq. 2
         return distance.reshape(b, h, w), None

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from patchad.detectors.base import Detector
+from patchad.devices import check_device_memory, to_cpu
 from patchad.errors import ConfigError, PatchadError
 from patchad.ops.coreset import (
     auto_shard_rows,
@@ -75,7 +76,8 @@ class PatchCore(Detector):
         seed: seeds the projection and the coreset's first point.
         search: nearest-neighbour backend: ``"torch"`` (exact, chunked), ``"faiss"`` (exact
             ``IndexFlatL2``), ``"faiss-ivf"`` (approximate, for banks over a million patches), or
-            ``"auto"`` (see :func:`patchad.ops.knn.auto_backend`).
+            ``"auto"`` (see :func:`patchad.ops.knn.auto_backend`). On a GPU the search is
+            always torch's (exact; faiss here is faiss-cpu).
         feature_dtype: precision of the stored full-dimensional training features,
             ``"float32"`` or ``"float16"`` (halves their memory; the bank is float32 either way).
         feature_storage: where full features wait while the coreset runs: ``"memory"``,
@@ -260,8 +262,11 @@ class PatchCore(Detector):
             ``patches``, ``dim``, ``features`` (full-dimensional store in RAM; 0 on disk),
             ``disk`` (bytes of the temporary file), ``projection`` (projected features plus the
             matrix), ``coreset`` (the coreset's working copy and state), ``bank`` (the memory
-            bank) and ``peak`` (the largest sum held at once); also ``bank_rows`` and
-            ``shard_rows`` (rows per coreset shard, 0 for the exact greedy or no coreset).
+            bank) and ``peak`` (the largest sum held at once); also ``bank_rows``,
+            ``shard_rows`` (rows per coreset shard, 0 for the exact greedy or no coreset) and
+            ``device``: what a fit on a GPU holds in its memory at once (the projected points
+            and the coreset's state, or the bank's rows when every patch is kept; the full
+            features wait in RAM or on disk either way).
         """
         per_image, dim = self._geometry()
         n = num_images * per_image if views is None else self.view_patches(views)
@@ -284,6 +289,8 @@ class PatchCore(Detector):
                 coreset = rows * pdim * 8 + rows * state + n * 8
         bank = n_bank * dim * 4
         peak = max(features + proj + coreset, features + bank)
+        # on a GPU: the points (projected, or the features as float32) and the coreset's state
+        device = bank if n_bank >= n else n * pdim * 4 + coreset
         return {
             "patches": n,
             "dim": dim,
@@ -295,6 +302,7 @@ class PatchCore(Detector):
             "peak": peak,
             "bank_rows": n_bank,
             "shard_rows": rows or 0,
+            "device": device,
         }
 
     def _describe_views(self, num_images: int, views: list[tuple[int, int]]) -> list[str]:
@@ -317,17 +325,22 @@ class PatchCore(Detector):
                 f"estimated at most {sharded:.0f} s; the exact greedy could take up to "
                 f"{exact:.0f} s: --set coreset_shard_size=0 to choose it)"
             )
+        on = self.device_in_use
+        gpu = f"; on {on}: {e['device'] / MB:.0f} MiB" if on.type != "cpu" else ""
         return (
             f"memory estimate: {n:,} patches x {e['dim']} dims; features "
             f"{mib['features']:.0f} MiB in RAM + {mib['disk']:.0f} MiB on disk, projection "
             f"{mib['projection']:.0f} MiB, coreset {mib['coreset']:.0f} MiB, bank "
-            f"{mib['bank']:.0f} MiB; peak {mib['peak']:.0f} MiB (+ backbone and runtime); {how}"
+            f"{mib['bank']:.0f} MiB; peak {mib['peak']:.0f} MiB (+ backbone and runtime){gpu}; "
+            f"{how}"
         )
 
     def _check_memory(self, num_images: int) -> None:
+        estimate = self.memory_estimate(num_images, getattr(self, "_fit_views", None))
+        check_device_memory(self.device_in_use, estimate["device"], f"fitting {num_images} images")
         if self.max_memory_mb is None:
             return
-        peak = self.memory_estimate(num_images, getattr(self, "_fit_views", None))["peak"]
+        peak = estimate["peak"]
         if peak > self.max_memory_mb * MB:
             raise ConfigError(
                 f"fitting {num_images} images needs about {peak / MB:.0f} MiB, more than "
@@ -366,13 +379,14 @@ class PatchCore(Detector):
     ) -> tuple[RowStore, Tensor | None, Tensor | None, torch.Generator]:
         """Embed feature batches as they arrive into a row store (in RAM or on disk) and their
         projections; room for ``total`` rows (None: ``num_images`` times the first batch's
-        patches per image). Returns the store, the projections (or None), psi and the
-        generator. The caller closes the store."""
+        patches per image). Returns the store (on the CPU), the projections (or None, on the
+        device of the features), psi (on the CPU) and the generator. The caller closes the
+        store."""
         store: RowStore | None = None
-        projected = matrix = None
+        projected = matrix = placed = None
         generator = torch.Generator().manual_seed(self.seed)
         try:
-            for features in batches:  # each batch is reduced as it arrives
+            for features in batches:  # each batch is reduced as it arrives, on its device
                 e = self.embed(features)
                 rows = e.permute(0, 2, 3, 1).reshape(-1, e.shape[1])
                 if store is None:  # sizes from the first batch
@@ -380,14 +394,15 @@ class PatchCore(Detector):
                     # room for every image; fewer arrive when unreadable ones are skipped
                     room = total if total is not None else num_images * e.shape[2] * e.shape[3]
                     generator, matrix = self._projection(dim)
-                    if matrix is not None:
-                        projected = torch.empty(room, self.projection_dim)
+                    if matrix is not None:  # the projections stay on the compute device
+                        placed = matrix.to(rows.device)
+                        projected = torch.empty(room, self.projection_dim, device=rows.device)
                     item = 2 if self.feature_dtype == "float16" else 4
                     on_disk = matrix is not None and self._on_disk(room * dim * item)
                     store = RowStore(room, dim, dtype=self.feature_dtype, on_disk=on_disk)
                 if projected is not None:
-                    projected[store.filled : store.filled + len(rows)] = rows @ matrix
-                store.append(rows)
+                    projected[store.filled : store.filled + len(rows)] = rows @ placed
+                store.append(to_cpu(rows))
         except BaseException:
             if store is not None:
                 store.close()
@@ -410,7 +425,8 @@ class PatchCore(Detector):
                 self.memory_bank_ = store.all().float().contiguous()
                 self.coreset_radius_ = 0.0
                 return
-            points = projected if projected is not None else store.all().float()
+            device = self.device_in_use
+            points = projected if projected is not None else store.all().float().to(device)
             rows = self.shard_rows(total, n)
             if rows is not None:
                 cover = sharded_greedy_cover(
@@ -456,6 +472,7 @@ class PatchCore(Detector):
             bank = self.memory_bank_
             centres = bank @ matrix if matrix is not None else bank
             points = projected if projected is not None else store.all().float()
+            points, centres = points.to(self.device_in_use), centres.to(self.device_in_use)
             radius = getattr(self, "coreset_radius_", None)
             source = "recorded"
             if radius is None:  # a model file from before updates: estimate from the bank
@@ -499,10 +516,11 @@ class PatchCore(Detector):
         # row-major for every batch size (for one image the reshape is a transposed view, which
         # BLAS would round differently)
         queries = e.permute(0, 2, 3, 1).reshape(-1, d).contiguous()
-        bank = self.memory_bank_
+        bank = self._placed(self.memory_bank_)
         cached = getattr(self, "_index", None)
         if cached is None or cached.bank is not bank:
-            self._index = SearchIndex(bank, backend=self.search, seed=self.seed)
+            backend = self.search if bank.device.type == "cpu" else "torch"  # faiss-cpu
+            self._index = SearchIndex(bank, backend=backend, seed=self.seed)
         k = min(self.num_neighbors, bank.shape[0])
         # one search per image: BLAS rounding depends on the number of query rows, so an image's
         # score would otherwise depend on the other images of its batch (up to ~1e-4 here)

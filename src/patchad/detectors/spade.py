@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from patchad.detectors.base import Detector
+from patchad.devices import to_cpu
 from patchad.errors import ConfigError, PatchadError
 from patchad.ops.knn import knn, min_distance
 
@@ -139,6 +140,7 @@ class SPADE(Detector):
             )
 
     def _galleries(self) -> list[Tensor]:
+        """The galleries, as learned (on the CPU)."""
         return [getattr(self, name) for name in self.learned_tensors[1:]]
 
     def _fit(self, batches: Iterator[list[Tensor]], num_images: int, progress: bool) -> None:
@@ -152,9 +154,9 @@ class SPADE(Detector):
                 ]
                 pooled = torch.empty(num_images, features[-1].shape[1])
             b = features[0].shape[0]
-            for gallery, f in zip(galleries, features, strict=True):
-                gallery[n : n + b] = f.permute(0, 2, 3, 1)
-            pooled[n : n + b] = features[-1].mean((2, 3))  # global average pooling
+            for gallery, f in zip(galleries, features, strict=True):  # galleries on the CPU
+                gallery[n : n + b] = to_cpu(f.permute(0, 2, 3, 1))
+            pooled[n : n + b] = to_cpu(features[-1].mean((2, 3)))  # global average pooling
             n += b
         if not n:
             raise PatchadError("SPADE needs at least 1 readable training image")
@@ -194,8 +196,8 @@ class SPADE(Detector):
                         f"maps; the new images give {f.shape[2]}x{f.shape[3]}: use images of "
                         "the training geometry"
                     )
-                part.append(f.permute(0, 2, 3, 1))
-            pooled.append(features[-1].mean((2, 3)))  # global average pooling
+                part.append(to_cpu(f.permute(0, 2, 3, 1)))
+            pooled.append(to_cpu(features[-1].mean((2, 3))))  # global average pooling
         self.pooled_ = torch.cat(pooled)
         for name, part in zip(self.learned_tensors[1:], parts, strict=True):
             setattr(self, name, torch.cat(part))
@@ -213,7 +215,8 @@ class SPADE(Detector):
         k = min(self.k, self.pooled_.shape[0])
         # one search per image: BLAS rounds by the number of query rows, so a batch search would
         # make an image's score depend on its batch-mates
-        found = [knn(q, self.pooled_, k) for q in features[-1].mean((2, 3)).split(1)]
+        pooled = self._placed(self.pooled_)
+        found = [knn(q, pooled, k) for q in features[-1].mean((2, 3)).split(1)]
         return torch.cat([f[0] for f in found]), torch.cat([f[1] for f in found])
 
     def pixel_distances(self, features: list[Tensor], neighbours: Tensor) -> Tensor:
@@ -228,7 +231,8 @@ class SPADE(Detector):
         """
         size = features[0].shape[-2:]
         layer_maps = []
-        for f, gallery in zip(features, self._galleries(), strict=True):
+        for f, learned in zip(features, self._galleries(), strict=True):
+            gallery = self._placed(learned)
             b, c, h, w = f.shape
             per_image = max(1, GALLERY_ROWS // (h * w))  # gallery images searched at once
             # row-major for every batch size (for one image the reshape is a transposed view)

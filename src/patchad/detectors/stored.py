@@ -1,8 +1,11 @@
-"""Reading a detector back from the ``.safetensors`` file :meth:`Detector.save` wrote."""
+"""What :meth:`Detector.save` writes to a ``.safetensors`` file, and reading a detector back."""
 
 from __future__ import annotations
 
 import os
+from typing import Any
+
+from torch import Tensor
 
 from patchad.detectors.base import Detector
 from patchad.errors import PatchadError
@@ -10,12 +13,46 @@ from patchad.modelfile import read_model
 from patchad.onnxfile import file_sha256
 
 
-def load(path: str | os.PathLike[str], *, weights: str | None = None) -> Detector:
+def payload(detector: Detector) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The tensors (as the detector holds them: on the CPU) and the state (JSON-friendly) that
+    :meth:`Detector.save` writes for ``detector``; no device is recorded."""
+    tensors = {name: getattr(detector, name) for name in detector.learned_tensors}
+    tensors.update(
+        {n: getattr(detector, n) for n in detector.optional_tensors if hasattr(detector, n)}
+    )
+    state = detector._state()
+    if hasattr(detector, "lineage_"):
+        state = {**state, "lineage": detector.lineage_}
+    if hasattr(detector, "n_train_"):
+        state = {**state, "n_train": detector.n_train_}
+    size = detector.input_size()
+    state = {**state, "input_size": size if isinstance(size, str) else list(size)}
+    if hasattr(detector, "geometry_"):  # the resolved resize, why, and the one input shape
+        state = {**state, "geometry": detector.geometry_}
+    if detector.is_calibrated:
+        tensors.update({name: getattr(detector, name) for name in detector.calibration_tensors})
+        state = {
+            **state,
+            "calibration": {
+                "fpr": detector.fpr,
+                "image_threshold": detector.image_threshold_,
+                "pixel_threshold": detector.pixel_threshold_,
+            },
+        }
+    return tensors, state
+
+
+def load(
+    path: str | os.PathLike[str], *, weights: str | None = None, device: str = "auto"
+) -> Detector:
     """Read a detector saved with :meth:`Detector.save`.
 
     Args:
         path: the ``.safetensors`` model file.
         weights: a local backbone weights file to use instead of the one recorded at fit time.
+        device: where it predicts by default: ``"auto"`` (CUDA when available, else CPU),
+            ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; the file holds CPU tensors, whatever device
+            it was fitted on.
 
     Raises:
         PatchadError: the file is missing, corrupt, not patchad's, from a newer version, or the
@@ -38,6 +75,7 @@ def load(path: str | os.PathLike[str], *, weights: str | None = None) -> Detecto
         config["weights"] = weights
     config.setdefault("resize", "squash")  # files from before the parameter: the squash
     detector = cls(**config)
+    detector._use_device(device)  # an unknown or missing device fails before any work
     state = dict(meta["state"])
     input_size = state.pop("input_size", None)  # absent in files made before geometry
     if input_size is not None:

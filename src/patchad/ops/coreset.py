@@ -74,7 +74,7 @@ def _ball_blocks(x: Tensor, leaf_size: int, generator: torch.Generator) -> tuple
     Returns:
         A permutation of shape (N,), and block boundaries ``[0, b_1, ..., N]``.
     """
-    order = torch.arange(x.shape[0])
+    order = torch.arange(x.shape[0], device=x.device)
     bounds = [0, x.shape[0]]
     ordered: Tensor | None = None
     while any(e - s > leaf_size for s, e in itertools.pairwise(bounds)):
@@ -86,7 +86,8 @@ def _ball_blocks(x: Tensor, leaf_size: int, generator: torch.Generator) -> tuple
             if e - s > leaf_size:
                 block = ordered[s:e]  # a view: C = block - mean is never formed
                 mean = block.mean(0)
-                axis = torch.randn(x.shape[1], generator=generator, dtype=x.dtype)
+                # drawn on the CPU (the generator's), so every device starts from the same axis
+                axis = torch.randn(x.shape[1], generator=generator, dtype=x.dtype).to(x.device)
                 for _ in range(3):  # power iteration: axis <- C^T C axis
                     w = block @ axis - mean @ axis
                     axis = block.T @ w - mean * w.sum()
@@ -150,27 +151,30 @@ def greedy_cover(
         progress: show a progress bar.
 
     Returns:
-        Selected indices into ``x`` in selection order, shape (n,), and the covering radius
-        (the largest distance of any point to the selection, which the pruning keeps anyway).
+        Selected indices into ``x`` in selection order, shape (n,), on the CPU, and the
+        covering radius (the largest distance of any point to the selection, which the pruning
+        keeps anyway). The selection runs on ``x``'s device.
     """
     num = x.shape[0]
     if not 1 <= n <= num:
         raise ValueError(f"coreset size must be in [1, {num}], got {n}")
     start = int(torch.randint(num, (1,), generator=generator))
     order, bounds = _ball_blocks(x, leaf_size, generator)
-    sizes = torch.tensor(bounds).diff()
+    device = x.device
+    sizes = torch.tensor(bounds, device=device).diff()
     nb, length = len(sizes), int(sizes.max())
     # padded layout: block j holds rows j*L .. j*L + L - 1; padding repeats the block's first point
-    slot = torch.arange(nb * length).view(nb, length)
+    slot = torch.arange(nb * length, device=device).view(nb, length)
     valid = slot % length < sizes[:, None]
-    source = torch.tensor(bounds[:-1])[:, None] + torch.where(valid, slot % length, 0)
+    source = torch.tensor(bounds[:-1], device=device)[:, None] + torch.where(
+        valid, slot % length, 0
+    )
     src = order[source.flatten()]  # original index of every padded row, shape (nb * L,)
     del source, slot
-    xs = torch.empty(nb * length, x.shape[1], dtype=x.dtype)
-    sq = torch.empty(
-        nb * length, dtype=x.dtype
-    )  # ||x||^2, for ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2
-    for c in torch.arange(nb * length).split(GATHER_ROWS):  # chunked: no full-size temporary
+    xs = torch.empty(nb * length, x.shape[1], dtype=x.dtype, device=device)
+    # ||x||^2, for ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2
+    sq = torch.empty(nb * length, dtype=x.dtype, device=device)
+    for c in torch.arange(nb * length, device=device).split(GATHER_ROWS):  # no full temporary
         rows = x[src[c]]
         xs[c] = rows
         sq[c] = (rows * rows).sum(1)
@@ -183,7 +187,7 @@ def greedy_cover(
     i = int((src == start).nonzero()[0, 0])
     dist = torch.addmv(sq, xs, xs[i], alpha=-2).add_(sq[i])  # squared distances to the coreset
     block_max = dist.view(nb, length).amax(1)
-    chosen = torch.empty(n, dtype=torch.long)
+    chosen = torch.empty(n, dtype=torch.long, device=device)
     chosen[0] = start
     bar = None
     if progress and n >= 2000:
@@ -206,7 +210,8 @@ def greedy_cover(
             bar.update(1000)
     if bar is not None:
         bar.close()
-    return Cover(chosen, float(block_max.max().clamp_min(0).sqrt()))  # padding repeats points
+    radius = float(block_max.max().clamp_min(0).sqrt())  # padding repeats points
+    return Cover(chosen.cpu(), radius)
 
 
 #: Read rates of one greedy step (addmv + minimum + argmax over every point), measured on the
@@ -337,7 +342,7 @@ def sharded_greedy_cover(
     chosen, radius = [], 0.0
     for part, k in zip(parts, take, strict=True):
         if k > 0:
-            local = greedy_cover(x[part], k, generator=generator, progress=progress)
+            local = greedy_cover(x[part.to(x.device)], k, generator=generator, progress=progress)
             chosen.append(part[local.index])
             radius = max(radius, local.radius)
     return Cover(torch.cat(chosen), radius)
@@ -355,7 +360,7 @@ def nearest_distances(x: Tensor, centres: Tensor, *, chunk: int = 4096) -> Tenso
         Euclidean distances, shape (N,).
     """
     c_sq = (centres * centres).sum(1)
-    out = torch.empty(x.shape[0], dtype=x.dtype)
+    out = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
     for start in range(0, x.shape[0], chunk):
         part = x[start : start + chunk]
         d2 = torch.addmm(c_sq, part, centres.T, alpha=-2).add_((part * part).sum(1, keepdim=True))
@@ -383,7 +388,7 @@ def extend_cover(x: Tensor, centres: Tensor, radius: float, *, max_new: int | No
         unless ``max_new`` stopped the additions).
     """
     if not x.shape[0]:
-        return Cover(torch.empty(0, dtype=torch.long), 0.0)
+        return Cover(torch.empty(0, dtype=torch.long), 0.0)  # indices on the CPU, as below
     dist = nearest_distances(x, centres)
     sq = (x * x).sum(1)
     chosen: list[int] = []
@@ -415,7 +420,7 @@ def bank_radius(centres: Tensor, *, chunk: int = 4096) -> float:
     best = float("inf")
     for start in range(0, centres.shape[0], chunk):
         block = torch.cdist(centres[start : start + chunk], centres)
-        rows = torch.arange(block.shape[0])
+        rows = torch.arange(block.shape[0], device=block.device)
         block[rows, rows + start] = float("inf")
         best = min(best, float(block.min()))
     return best

@@ -61,8 +61,12 @@ def accumulate(
     if moments is None:
         shift = x.mean(0, dtype=torch.float64).to(x.dtype)
         p, d = shift.shape
+        device = x.device  # the sums live on x's device
         moments = Moments(
-            0, shift, torch.zeros(p, d, dtype=dtype), torch.zeros(p, d, d, dtype=dtype)
+            0,
+            shift,
+            torch.zeros(p, d, dtype=dtype, device=device),
+            torch.zeros(p, d, d, dtype=dtype, device=device),
         )
     centred = (x - moments.shift).transpose(0, 1).contiguous()  # x - K, (P, B, d)
     moments.sum.add_(centred.sum(1))
@@ -142,7 +146,7 @@ def inverse_covariance(cov: Tensor) -> Tensor:
         raise ValueError(
             f"covariance not positive definite at {bad} positions; use a larger epsilon"
         )
-    eye = torch.eye(cov.shape[-1], dtype=cov.dtype).expand_as(cov)
+    eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device).expand_as(cov)
     factor_inv = torch.linalg.solve_triangular(factor, eye, upper=False)  # L^-1
     return factor_inv.transpose(1, 2) @ factor_inv
 
@@ -162,11 +166,12 @@ def fit_gaussians(
             the statistic an exact update starts from (:func:`moments_from_gaussians`).
 
     Returns:
-        mu, shape (P, d), and Sigma^-1, shape (P, d, d), both float32.
+        mu, shape (P, d), and Sigma^-1, shape (P, d, d), both float32, on the sums' device.
     """
     p, d = moments.shift.shape
-    mean = torch.empty(p, d)
-    inv = torch.empty(p, d, d) if out is None else out
+    device = moments.sum_outer.device
+    mean = torch.empty(p, d, device=device)
+    inv = torch.empty(p, d, d, device=device) if out is None else out
     for start in range(0, p, POSITION_CHUNK):
         part = slice(start, min(p, start + POSITION_CHUNK))
         mu, cov = mean_covariance(moments, epsilon, part)

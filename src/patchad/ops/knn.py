@@ -84,7 +84,7 @@ def min_distance(query: Tensor, banks: Iterable[Tensor]) -> Tensor:
     Returns:
         Distances, shape (M,).
     """
-    best = torch.full((query.shape[0],), float("inf"), dtype=query.dtype)
+    best = torch.full((query.shape[0],), float("inf"), dtype=query.dtype, device=query.device)
     seen = False
     for bank in banks:
         seen = True

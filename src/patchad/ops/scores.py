@@ -32,7 +32,7 @@ def reweighted_image_score(
         Image scores, shape (B,).
     """
     s_star, i_star = patch_scores.max(dim=1)  # s*, index of m_test,*
-    rows = torch.arange(len(s_star))
+    rows = torch.arange(len(s_star), device=s_star.device)
     m_test = queries[rows, i_star]  # (B, D)
     m_star = bank[nn_index[rows, i_star]]  # (B, D)
     _, neighbours = knn(m_star, bank, k=min(b, bank.shape[0]))  # N_b(m*), (B, b)
