@@ -20,7 +20,7 @@ import functools
 import hashlib
 import importlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -398,10 +398,28 @@ class FeatureExtractor(nn.Module):
         if self.channels_last:
             fast = fast.to(memory_format=torch.channels_last)
         object.__setattr__(self, "inference_model", fast)  # not a submodule: no second state
+        self.engine = "torch"
+        self.runner: Callable[[Tensor], list[Tensor]] | None = None
+
+    def use_engine(self, engine: str) -> str:
+        """Run the forward on ``engine`` from now on (``"auto"``, ``"torch"``,
+        ``"onnxruntime"``, ``"openvino"``; see :mod:`patchad.engines`); returns the engine chosen.
+
+        Raises:
+            PatchadError: an unknown engine, or one that is not installed.
+        """
+        from patchad.engines import EngineBackbone, resolve_engine
+
+        chosen = resolve_engine(engine)
+        if chosen != self.engine:
+            self.engine = chosen
+            self.runner = None if chosen == "torch" else EngineBackbone(self, chosen)
+        return chosen
 
     @torch.inference_mode()
     def forward(self, images: Tensor) -> list[Tensor]:
-        """Feature maps of the chosen layers.
+        """Feature maps of the chosen layers, on :attr:`engine` (torch unless
+        :meth:`use_engine` chose another).
 
         Args:
             images: normalised images, shape (B, 3, H, W).
@@ -409,6 +427,8 @@ class FeatureExtractor(nn.Module):
         Returns:
             One tensor per layer, shape (B, C_l, H / stride_l, W / stride_l).
         """
+        if self.runner is not None:
+            return self.runner(images)
         if self.channels_last:  # outputs back to the default layout, as the patch code expects
             images = images.contiguous(memory_format=torch.channels_last)
             return [f.contiguous() for f in self.inference_model(images)]

@@ -54,6 +54,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.calibration_dir is not None:
         calibration = _good_images(args.calibration_dir)
     _say(args, f"fitting {args.method} on {len(images)} images from {args.data}")
+    if args.engine is not None and args.ray is not None:
+        raise PatchadError("--engine: not with --ray (its workers use the default engine)")
     if args.ray is None:
         for line in detector.describe_fit(images):  # geometry, tiles, memory, coreset choice
             _say(args, line)
@@ -62,7 +64,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
         _fit_on_ray(args, detector, images, calibration)
     else:
         detector.fit(
-            images, calibration=calibration, progress=not args.quiet, skip_bad=args.skip_bad
+            images,
+            calibration=calibration,
+            progress=not args.quiet,
+            skip_bad=args.skip_bad,
+            engine=args.engine or "auto",
         )
     if detector.is_calibrated:
         _say(
@@ -159,7 +165,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 )
         else:
             written = write_predictions(
-                detector.iter_predict(paths, skip_bad=args.skip_bad),
+                detector.iter_predict(paths, skip_bad=args.skip_bad, engine=args.engine or "auto"),
                 paths,
                 out,
                 sources=args.paths,
@@ -210,7 +216,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise PatchadError("calibrate: nothing to do; give --data GOOD_DIR and/or --fpr")
     detector = load(args.model, weights=args.weights)
     images = None if args.data is None else _good_images(args.data)
-    detector.calibrate(images, fpr=args.fpr, progress=not args.quiet)
+    engine = args.engine or "auto"
+    detector.calibrate(images, fpr=args.fpr, progress=not args.quiet, engine=engine)
     out = Path(args.model if args.out is None else args.out)
     detector.save(out, force=args.force)
     _say(
@@ -243,6 +250,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         save_maps=args.save_maps,
         progress=not args.quiet,
         intervals=args.intervals,
+        engine=args.engine or "auto",
     )
     result = {
         "model": str(args.model),

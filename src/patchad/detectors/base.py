@@ -28,12 +28,8 @@ from patchad.features import (
     layer_indices,
     layers_at_strides,
 )
-from patchad.geometry import (
-    Box,
-    Size,
-    stitch,
-)
-from patchad.loading import ImageLike, Images, as_items, iter_batches
+from patchad.geometry import Box, Size, stitch
+from patchad.loading import ImageLike, Images, as_items, iter_batches, split_calibration
 from patchad.modelfile import checksum, model_id, write_model
 from patchad.ops.maps import anomaly_map
 from patchad.prediction import Prediction, decide
@@ -213,30 +209,9 @@ class Detector(InputGeometry):
                 yield self.features(stacked)
 
     def split_calibration(self, images: Images) -> tuple[list[ImageLike], list[ImageLike]]:
-        """Split good images into (training, calibration) by ``calibration_split`` and ``seed``.
-
-        ``round(calibration_split * N)`` images, at least 1 when the split is > 0, are drawn
-        without replacement by a ``torch.Generator`` seeded with ``seed``; both parts keep the
-        input order.
-
-        Raises:
-            ConfigError: the split would leave no image for training.
-        """
-        items = as_items(images)
-        if not self.calibration_split:
-            return items, []
-        n_cal = max(1, round(self.calibration_split * len(items)))
-        if n_cal >= len(items):
-            raise ConfigError(
-                f"calibration_split={self.calibration_split} holds out {n_cal} of "
-                f"{len(items)} images, leaving none for training; give more images or "
-                "set calibration_split=0"
-            )
-        generator = torch.Generator().manual_seed(self.seed)
-        held = set(torch.randperm(len(items), generator=generator)[:n_cal].tolist())
-        train = [x for i, x in enumerate(items) if i not in held]
-        calib = [x for i, x in enumerate(items) if i in held]
-        return train, calib
+        """Split good images into (training, calibration) by ``calibration_split`` and ``seed``
+        (:func:`patchad.loading.split_calibration`)."""
+        return split_calibration(as_items(images), self.calibration_split, self.seed)
 
     def fit(
         self,
@@ -245,6 +220,7 @@ class Detector(InputGeometry):
         calibration: Images | None = None,
         progress: bool = False,
         skip_bad: bool = False,
+        engine: str = "auto",
     ) -> Self:
         """Learn what normal looks like from defect-free images, then calibrate thresholds.
 
@@ -255,6 +231,8 @@ class Detector(InputGeometry):
             progress: show progress bars.
             skip_bad: skip unreadable images with a ``SkippedImageWarning`` each instead of
                 raising ``PatchadError`` at the first one.
+            engine: what runs the backbone: ``"auto"`` (the fastest installed), ``"torch"``,
+                ``"onnxruntime"`` or ``"openvino"`` (:mod:`patchad.engines`).
 
         Returns:
             self.
@@ -275,6 +253,7 @@ class Detector(InputGeometry):
         self._check_views(self._fit_views, self._fit_inputs)
         self._check_resources(len(train))
         self._build()
+        self.extractor_.use_engine(engine)
         batches = self._feature_batches(train, progress, f"{self.method} fit", skip_bad)
         seen = [0]  # inputs that reached the model (unreadable images may be skipped)
 
@@ -290,7 +269,7 @@ class Detector(InputGeometry):
         self.fingerprint_ = self.extractor_.fingerprint
         self.lineage_ = {"fit": lineage.record(train, seen[0], len(calib)), "updates": []}
         if calib:
-            self.calibrate(calib, progress=progress)
+            self.calibrate(calib, progress=progress, engine=engine)
         return self
 
     def update(
@@ -351,7 +330,12 @@ class Detector(InputGeometry):
         return hasattr(self, "calibration_scores_")
 
     def calibrate(
-        self, images: Images | None = None, *, fpr: float | None = None, progress: bool = False
+        self,
+        images: Images | None = None,
+        *,
+        fpr: float | None = None,
+        progress: bool = False,
+        engine: str = "auto",
     ) -> Self:
         """Set the image and pixel thresholds from good images; the model itself is unchanged.
 
@@ -366,6 +350,7 @@ class Detector(InputGeometry):
                 ``fpr`` changes).
             fpr: chosen false-alarm rate in [0, 1); None keeps ``self.fpr``. Stored as ``fpr``.
             progress: show a progress bar.
+            engine: what runs the backbone, as for :meth:`fit`.
 
         Returns:
             self.
@@ -381,7 +366,7 @@ class Detector(InputGeometry):
                 raise ConfigError(f"fpr must be in [0, 1), got {fpr!r}")
             self.fpr = fpr
         if images is not None:
-            pred = self.predict(images, progress=progress)
+            pred = self.predict(images, progress=progress, engine=engine)
             self.calibration_scores_ = torch.from_numpy(np.sort(pred.scores).astype(np.float32))
             map_max = np.array([float(m.max()) for m in pred.maps], dtype=np.float32)
             self.calibration_map_max_ = torch.from_numpy(np.sort(map_max))
@@ -402,7 +387,12 @@ class Detector(InputGeometry):
 
     @torch.inference_mode()
     def predict(
-        self, images: Images, *, progress: bool = False, skip_bad: bool = False
+        self,
+        images: Images,
+        *,
+        progress: bool = False,
+        skip_bad: bool = False,
+        engine: str = "auto",
     ) -> Prediction:
         """Score images; higher = more anomalous.
 
@@ -411,12 +401,14 @@ class Detector(InputGeometry):
             progress: show a progress bar.
             skip_bad: skip unreadable images with a ``SkippedImageWarning`` each (they are then
                 absent from the result's ``names``) instead of raising at the first one.
+            engine: what runs the backbone, as for :meth:`fit`.
 
         Returns:
             Image scores (B,) and anomaly maps at each image's original size.
         """
         scores, maps, names = [], [], []
-        for part in self.iter_predict(images, progress=progress, skip_bad=skip_bad):
+        parts = self.iter_predict(images, progress=progress, skip_bad=skip_bad, engine=engine)
+        for part in parts:
             scores.append(part.scores)
             maps.extend(part.maps)
             names.extend(part.names)
@@ -436,11 +428,17 @@ class Detector(InputGeometry):
         )
 
     def iter_predict(
-        self, images: Images, *, progress: bool = False, skip_bad: bool = False
+        self,
+        images: Images,
+        *,
+        progress: bool = False,
+        skip_bad: bool = False,
+        engine: str = "auto",
     ) -> Iterator[Prediction]:
         """Like :meth:`predict`, one :class:`Prediction` per batch as soon as it is scored, so a
         caller can keep what finished if a later image fails."""
         self._check_fitted("predict")
+        self.extractor_.use_engine(engine)
         items = as_items(images)
         total = -(-len(items) // self.batch_size)
         batches = iter_batches(items, self.preprocess_, self.batch_size, skip_bad=skip_bad)
