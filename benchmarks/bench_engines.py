@@ -7,8 +7,8 @@ in rounds and the median per engine is kept, so a load spike hits every engine a
 ms per image, the ratio to torch's time in the same run, the largest feature difference from
 torch relative to the layer's largest absolute value, the graph export time (empty cache; one
 graph serves every engine) and each engine's first call (its session started from the cached
-graph, and one image). ``engine="auto"``'s order (:data:`patchad.engines.AUTO_ORDER`)
-is read from this table.
+graph, and one batch) with the resident memory it added. ``engine="auto"``'s order per
+backbone (:data:`patchad.engines.AUTO_ORDER`) is read from this table.
 
 ResNet-18 and WideResNet-50 run on random weights (timing only: the speed does not depend on
 the weights).
@@ -40,6 +40,14 @@ BACKBONES = {
 }
 
 
+def rss_mb() -> float:
+    """Resident set size of this process now (VmRSS), MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def load_images(count: int, size: int) -> tuple[torch.Tensor, str]:
     from PIL import Image
 
@@ -65,8 +73,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--backbones", default=",".join(BACKBONES))
+    parser.add_argument("--threads", type=int, default=2, help="torch's, and so every engine's")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     images, source = load_images(args.images, args.size)
     engines = [e for e in ENGINES[1:] if is_installed(e)]
     top = header() + (
@@ -77,8 +86,8 @@ def main() -> None:
     lines = [
         "backbone | layers | engine | ms/img (median) | ratio to torch | max rel. feature "
         "difference | graph export s (empty cache) | first call s (session start from the "
-        "cached graph + 1 image)",
-        "---|---|---|---|---|---|---|---",
+        "cached graph + 1 batch) | RSS added by the session and its first batch, MiB",
+        "---|---|---|---|---|---|---|---|---",
     ]
     loads = [os.getloadavg()[0]]
     for backbone in args.backbones.split(","):
@@ -91,13 +100,14 @@ def main() -> None:
             begin = time.perf_counter()
             backbone_graph(extractors["torch"], args.size, args.size)  # one graph, every engine
             export = time.perf_counter() - begin
-            starts = {"torch": 0.0}
+            starts, grown = {"torch": 0.0}, {"torch": 0.0}
             for engine, fx in extractors.items():
                 if engine != "torch":
                     fx.use_engine(engine)
-                    begin = time.perf_counter()
-                    fx(images[:1])  # the session starts from the cached graph
+                    rss, begin = rss_mb(), time.perf_counter()
+                    fx(images[: args.batch])  # the session starts from the cached graph
                     starts[engine] = time.perf_counter() - begin
+                    grown[engine] = rss_mb() - rss
 
             def run(fx: FeatureExtractor) -> list[torch.Tensor]:
                 outs = [fx(images[i : i + args.batch]) for i in range(0, len(images), args.batch)]
@@ -123,7 +133,7 @@ def main() -> None:
             ms = statistics.median(times[engine])
             lines.append(
                 f"{backbone} | {'+'.join(layers)} | {engine} | {ms:.1f} | {ms / base:.2f} | "
-                f"{diffs[engine]:.1e} | {export:.1f} | {starts[engine]:.2f}"
+                f"{diffs[engine]:.1e} | {export:.1f} | {starts[engine]:.2f} | {grown[engine]:.0f}"
             )
         print("\n".join(lines[-len(engines) :]), flush=True)
     lines.append(f"\nload average after each round: {' '.join(f'{x:.1f}' for x in loads)}")

@@ -137,9 +137,12 @@ def test_engine_choice_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     assert fx.engine == "torch"
 
 
-def test_auto_is_the_first_installed() -> None:
-    installed = [e for e in eng.AUTO_ORDER if eng.is_installed(e)]
-    assert eng.resolve_engine("auto") == installed[0]
+def test_auto_is_the_first_installed_of_the_backbones_order() -> None:
+    for backbone, order in [*eng.AUTO_ORDER.items(), ("convnext_tiny", eng.DEFAULT_ORDER)]:
+        installed = [e for e in order if eng.is_installed(e)]
+        assert eng.resolve_engine("auto", backbone) == installed[0]
+        assert eng.resolve_engine("auto", f"{backbone}.some_tag") == installed[0]
+    assert all(order[-1] == "torch" for order in eng.AUTO_ORDER.values())
 
 
 @pytest.mark.parametrize("engine", OTHER_ENGINES)

@@ -2,7 +2,8 @@
 on disk) and run by onnxruntime or OpenVINO, returning the same torch tensors as torch's forward,
 so every detector's fit, predict, calibrate and evaluate is unchanged downstream.
 
-``engine="auto"`` (the default) takes the first installed engine of :data:`AUTO_ORDER`;
+``engine="auto"`` (the default) takes the first installed engine of the backbone's order in
+:data:`AUTO_ORDER` (:data:`DEFAULT_ORDER` for a backbone not measured);
 ``"torch"``, ``"onnxruntime"`` and ``"openvino"`` ask for one, and one not installed is a one-line
 error. The order was measured with ``benchmarks/bench_engines.py`` on a 2-core x86 CPU
 (``benchmarks/results/engines.md``; summary in ``docs/engines.md``).
@@ -18,6 +19,7 @@ import importlib.util
 import json
 import os
 import tempfile
+import threading
 import warnings
 from collections import OrderedDict
 from pathlib import Path
@@ -34,9 +36,18 @@ if TYPE_CHECKING:
 
 #: The values of ``engine``.
 ENGINES = ("auto", "torch", "onnxruntime", "openvino")
-#: What ``engine="auto"`` takes, fastest first, for every backbone measured (EfficientNet-Lite,
-#: ResNet-18, WideResNet-50): OpenVINO, then onnxruntime, then torch (see the module docstring).
-AUTO_ORDER = ("openvino", "onnxruntime", "torch")
+#: What ``engine="auto"`` takes per backbone architecture, fastest first, as measured (see the
+#: module docstring).
+AUTO_ORDER: dict[str, tuple[str, ...]] = {
+    "tf_efficientnet_lite0": ("openvino", "onnxruntime", "torch"),
+    "tf_efficientnet_lite1": ("openvino", "onnxruntime", "torch"),
+    "tf_efficientnet_lite2": ("onnxruntime", "openvino", "torch"),
+    "resnet18": ("onnxruntime", "openvino", "torch"),
+    "wide_resnet50_2": ("openvino", "onnxruntime", "torch"),
+}
+#: ``engine="auto"``'s order for other backbones: both engines were faster than torch for every
+#: backbone measured.
+DEFAULT_ORDER = ("openvino", "onnxruntime", "torch")
 #: ONNX opset of the backbone graphs.
 OPSET = 17
 #: Graph format; a change rebuilds every cached graph.
@@ -51,9 +62,9 @@ def is_installed(engine: str) -> bool:
     return engine == "torch" or importlib.util.find_spec(engine) is not None
 
 
-def resolve_engine(engine: str) -> str:
-    """The engine that runs the backbone for ``engine`` (``"auto"``: the first installed one of
-    :data:`AUTO_ORDER`).
+def resolve_engine(engine: str, backbone: str = "") -> str:
+    """The engine that runs ``backbone`` (a timm name) for ``engine`` (``"auto"``: the first
+    installed one of its :data:`AUTO_ORDER`, or of :data:`DEFAULT_ORDER`).
 
     Raises:
         PatchadError: an unknown engine, or one whose package is not installed.
@@ -61,7 +72,8 @@ def resolve_engine(engine: str) -> str:
     if engine not in ENGINES:
         raise PatchadError(f"unknown engine {engine!r} (expected one of {', '.join(ENGINES)})")
     if engine == "auto":
-        return next(e for e in AUTO_ORDER if is_installed(e))
+        order = AUTO_ORDER.get(backbone.split(".", 1)[0], DEFAULT_ORDER)
+        return next(e for e in order if is_installed(e))
     if not is_installed(engine):
         raise PatchadError(
             f"engine {engine} needs the {engine} package, which is not installed "
@@ -176,35 +188,22 @@ def _write_graph(extractor: FeatureExtractor, key: dict[str, Any], path: Path) -
 
 
 def _session(engine: str, path: Path, threads: int) -> Any:
-    """A callable ``(float32 array (B, 3, H, W)) -> list of arrays`` running ``path``."""
+    """A session running ``path``: ``run(None, {"images": float32 (B, 3, H, W)})`` returns one
+    array per layer. OpenVINO's is the exported runtime's (float32 inference, asked for
+    explicitly); onnxruntime's runs ``threads`` threads within an operator, one across."""
     if engine == "openvino":
-        import openvino
+        from patchad.runtime import _openvino_session
 
-        # f32 explicitly: on CPUs with bf16 units OpenVINO would otherwise infer in bf16
-        config = {
-            "INFERENCE_PRECISION_HINT": "f32",
-            "EXECUTION_MODE_HINT": "ACCURACY",
-            "INFERENCE_NUM_THREADS": threads,
-        }
-        compiled = openvino.Core().compile_model(str(path), "CPU", config)
-        request = compiled.create_infer_request()
-        outputs = list(compiled.outputs)
-
-        def run_openvino(images: np.ndarray) -> list[np.ndarray]:
-            result = request.infer({"images": images})
-            return [np.array(result[output]) for output in outputs]
-
-        return run_openvino
+        return _openvino_session(path, threads)
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    session = onnxruntime.InferenceSession(
+    return onnxruntime.InferenceSession(
         str(path), sess_options=options, providers=["CPUExecutionProvider"]
     )
-    return lambda images: session.run(None, {"images": images})
 
 
 class EngineBackbone:
@@ -212,12 +211,14 @@ class EngineBackbone:
     :data:`MAX_SESSIONS` latest), created on first use with as many threads as torch has.
 
     Sessions are not pickled or copied: a copy starts without any and builds them when called.
+    Calls from several threads take turns (an OpenVINO request serves one at a time).
     """
 
     def __init__(self, extractor: FeatureExtractor, engine: str) -> None:
         self.extractor = extractor
         self.engine = engine
         self._sessions: OrderedDict[tuple[int, int], Any] = OrderedDict()
+        self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:
         return {"extractor": self.extractor, "engine": self.engine}
@@ -232,19 +233,23 @@ class EngineBackbone:
             return self._sessions[shape]
         path = backbone_graph(self.extractor, height, width)
         try:
-            run = _session(self.engine, path, torch.get_num_threads())
+            session = _session(self.engine, path, torch.get_num_threads())
+        except PatchadError:
+            raise
         except Exception as exc:  # the engines raise their own types
             reason = str(exc).strip().splitlines()[0][:160] if str(exc) else type(exc).__name__
             raise PatchadError(
                 f"{path}: {self.engine} cannot load the backbone ({reason})"
             ) from None
-        self._sessions[shape] = run
+        self._sessions[shape] = session
         while len(self._sessions) > MAX_SESSIONS:
             self._sessions.popitem(last=False)
-        return run
+        return session
 
     def __call__(self, images: Tensor) -> list[Tensor]:
         """images: normalised, (B, 3, H, W); one float32 tensor (B, C_l, h_l, w_l) per layer."""
-        run = self._get(int(images.shape[-2]), int(images.shape[-1]))
         array = np.ascontiguousarray(images.detach().cpu().numpy(), dtype=np.float32)
-        return [torch.from_numpy(np.ascontiguousarray(f)) for f in run(array)]
+        with self._lock:
+            session = self._get(int(images.shape[-2]), int(images.shape[-1]))
+            outputs = session.run(None, {"images": array})
+        return [torch.from_numpy(np.ascontiguousarray(f)) for f in outputs]

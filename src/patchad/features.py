@@ -410,7 +410,7 @@ class FeatureExtractor(nn.Module):
         """
         from patchad.engines import EngineBackbone, resolve_engine
 
-        chosen = resolve_engine(engine)
+        chosen = resolve_engine(engine, self.backbone_name)
         if chosen != self.engine:
             self.engine = chosen
             self.runner = None if chosen == "torch" else EngineBackbone(self, chosen)
