@@ -135,6 +135,12 @@ def test_engine_choice_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(PatchadError, match="engine onnxruntime needs the onnxruntime package"):
         fx.use_engine("onnxruntime")
     assert fx.engine == "torch"
+    monkeypatch.delitem(sys.modules, "onnxruntime")
+    monkeypatch.setitem(sys.modules, "onnx", None)  # the engine is there, its exporter is not
+    if importlib.util.find_spec("onnxruntime") is not None:
+        assert eng.resolve_engine("auto", "resnet18") == "torch"
+        with pytest.raises(PatchadError, match=r"^engine onnxruntime needs the onnx package, wh"):
+            eng.resolve_engine("onnxruntime")
 
 
 def test_auto_is_the_first_installed_of_the_backbones_order() -> None:
@@ -230,3 +236,18 @@ def test_cli_engine_for_a_fitted_model(
     assert err.endswith("m.safetensors: engine openvino needs the openvino package, which is not "
                         "installed (pip install openvino)")  # fmt: skip
     assert len(err.splitlines()) == 1
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="no onnxruntime")
+def test_onnxruntime_runs_torchs_thread_count(cache: Path) -> None:
+    fx = FeatureExtractor(LITE0, ("blocks.2",))
+    fx.use_engine("onnxruntime")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fx(torch.zeros(1, 3, 64, 64))
+    finally:
+        torch.set_num_threads(threads)
+    (session,) = fx.runner._sessions.values()
+    options = session.get_session_options()
+    assert (options.intra_op_num_threads, options.inter_op_num_threads) == (1, 1)

@@ -36,18 +36,20 @@ if TYPE_CHECKING:
 
 #: The values of ``engine``.
 ENGINES = ("auto", "torch", "onnxruntime", "openvino")
-#: What ``engine="auto"`` takes per backbone architecture, fastest first, as measured (see the
-#: module docstring).
+#: What ``engine="auto"`` takes per backbone architecture, fastest first. Measured at 256 px,
+#: batch 8, on a 2-core x86 CPU shared with other jobs (three runs: 2 threads twice, 1 thread):
+#: OpenVINO was the fastest for EfficientNet-Lite0 and -Lite1 in every run and for -Lite2 in two
+#: of three; onnxruntime for ResNet-18 in every run and WideResNet-50 in two of three.
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "tf_efficientnet_lite0": ("openvino", "onnxruntime", "torch"),
     "tf_efficientnet_lite1": ("openvino", "onnxruntime", "torch"),
-    "tf_efficientnet_lite2": ("onnxruntime", "openvino", "torch"),
+    "tf_efficientnet_lite2": ("openvino", "onnxruntime", "torch"),
     "resnet18": ("onnxruntime", "openvino", "torch"),
-    "wide_resnet50_2": ("openvino", "onnxruntime", "torch"),
+    "wide_resnet50_2": ("onnxruntime", "openvino", "torch"),
 }
-#: ``engine="auto"``'s order for other backbones: both engines were faster than torch for every
-#: backbone measured.
-DEFAULT_ORDER = ("openvino", "onnxruntime", "torch")
+#: ``engine="auto"``'s order for backbones not measured: both engines were faster than torch on
+#: every backbone and run measured; onnxruntime, the exported runtime's default, first.
+DEFAULT_ORDER = ("onnxruntime", "openvino", "torch")
 #: ONNX opset of the backbone graphs.
 OPSET = 17
 #: Graph format; a change rebuilds every cached graph.
@@ -58,8 +60,9 @@ _METADATA_KEY, _CHECKSUM_KEY = "patchad_engine", "patchad_engine_checksum"
 
 
 def is_installed(engine: str) -> bool:
-    """Whether ``engine``'s package can be imported (torch always can)."""
-    return engine == "torch" or importlib.util.find_spec(engine) is not None
+    """Whether ``engine``'s package, and ``onnx`` to export the backbone, can be imported
+    (torch always can)."""
+    return engine == "torch" or all(importlib.util.find_spec(n) for n in (engine, "onnx"))
 
 
 def resolve_engine(engine: str, backbone: str = "") -> str:
@@ -74,11 +77,12 @@ def resolve_engine(engine: str, backbone: str = "") -> str:
     if engine == "auto":
         order = AUTO_ORDER.get(backbone.split(".", 1)[0], DEFAULT_ORDER)
         return next(e for e in order if is_installed(e))
-    if not is_installed(engine):
-        raise PatchadError(
-            f"engine {engine} needs the {engine} package, which is not installed "
-            f"(pip install {engine})"
-        )
+    for package in (engine, "onnx"):
+        if engine != "torch" and importlib.util.find_spec(package) is None:
+            raise PatchadError(
+                f"engine {engine} needs the {package} package, which is not installed "
+                f"(pip install {package})"
+            )
     return engine
 
 
