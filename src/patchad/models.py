@@ -47,8 +47,8 @@ def load_model(
         threads: CPU threads of the ONNX runtime (None: its default).
         engine: for an exported model, what runs it: ``"onnxruntime"`` (None or ``"auto"``:
             the default, faster than OpenVINO for SPADE) or ``"openvino"``; for a
-            ``.safetensors`` one, checked to be installed (:func:`patchad.engines.resolve_engine`)
-            and then given to each ``predict`` call, which runs the backbone on it.
+            ``.safetensors`` one, only checked here (:func:`patchad.engines.resolve_engine`):
+            the caller passes it to ``predict``, which runs the backbone on it.
 
     Raises:
         PatchadError: a bad file, ``weights`` given for an exported model, ``engine="torch"``

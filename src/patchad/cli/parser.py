@@ -59,7 +59,7 @@ def _engine_argument(parser: argparse.ArgumentParser, exported: bool = True) -> 
         "--engine",
         choices=("auto", "torch", "onnxruntime", "openvino"),
         help=f"what runs {what}the backbone of a .safetensors model (default auto: the fastest "
-        "installed, see docs/api.md); openvino needs pip install openvino",
+        "installed, see docs/engines.md); openvino needs pip install openvino",
     )
 
 
