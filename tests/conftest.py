@@ -47,6 +47,18 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("_repeat", range(repeat), ids=lambda i: f"run{i}")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def engine_graph_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Backbone graphs (:mod:`patchad.engines`) go to a temporary cache, not the user's."""
+    old = os.environ.get("PATCHAD_CACHE")
+    os.environ["PATCHAD_CACHE"] = str(tmp_path_factory.mktemp("patchad_cache"))
+    yield
+    if old is None:
+        os.environ.pop("PATCHAD_CACHE", None)
+    else:
+        os.environ["PATCHAD_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Demo dataset: categories texture and object, 64 px."""

@@ -116,7 +116,7 @@ def test_engine_errors(exported, tmp_path: Path, capsys, monkeypatch) -> None:
     from patchad.cli import main
     from patchad.runtime import load
 
-    _, model, path = exported["patchcore"]
+    _, _, path = exported["patchcore"]
     with pytest.raises(PatchadError, match=r"patchcore\.onnx: unknown engine 'tensorrt'"):
         load(path, engine="tensorrt")
     with monkeypatch.context() as patch:
@@ -130,9 +130,13 @@ def test_engine_errors(exported, tmp_path: Path, capsys, monkeypatch) -> None:
                             "'patchad[openvino]')")  # fmt: skip
         assert len(err.splitlines()) == 1
     out = tmp_path / "out"
-    assert main(["-q", "predict", "--model", str(model), "--engine", "openvino",
+    assert main(["-q", "predict", "--model", str(path), "--engine", "torch",
                  str(path.parent), "--out", str(out)]) == 2  # fmt: skip
-    assert "--engine applies to exported (.onnx) models only" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(
+        "patchcore.onnx: an exported model runs on onnxruntime or openvino, not torch"
+    )
+    assert len(err.splitlines()) == 1
 
 
 def test_dynamic_batch_and_in_memory_images(exported, demo_root: Path) -> None:

@@ -204,6 +204,7 @@ def evaluate(
     on_map: MapCallback | None = None,
     progress: bool = False,
     intervals: bool = False,
+    engine: str = "auto",
 ) -> Report:
     """Predict every test image and compute the metrics.
 
@@ -221,6 +222,7 @@ def evaluate(
         progress: show a progress bar.
         intervals: also compute 95 % bootstrap intervals over the test images
             (:mod:`patchad.bootstrap`; a few seconds on MTD's 583 images).
+        engine: what runs the backbone (``detector.predict``'s ``engine``, :mod:`patchad.engines`).
 
     Returns:
         The :class:`Report`.
@@ -255,7 +257,9 @@ def evaluate(
                 image, masks[k] = transform(read_image(s.path), masks[k])
                 images.append(image)
         t0 = time.perf_counter()
-        pred = detector.predict(images if images is not None else [s.path for s in chunk])
+        pred = detector.predict(
+            images if images is not None else [s.path for s in chunk], engine=engine
+        )
         predict_s += time.perf_counter() - t0
         for k, (s, score, amap) in enumerate(zip(chunk, pred.scores, pred.maps, strict=True)):
             i = start + k

@@ -20,7 +20,7 @@ import functools
 import hashlib
 import importlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -398,6 +398,33 @@ class FeatureExtractor(nn.Module):
         if self.channels_last:
             fast = fast.to(memory_format=torch.channels_last)
         object.__setattr__(self, "inference_model", fast)  # not a submodule: no second state
+        self.engine = "torch"
+        self.runner: Callable[[Tensor], list[Tensor]] | None = None
+
+    def use_engine(self, engine: str, device: torch.device | None = None) -> str:
+        """Run the forward on ``engine`` from now on (``"auto"``, ``"torch"``,
+        ``"onnxruntime"``, ``"openvino"``; see :mod:`patchad.engines`); returns the engine chosen.
+        On a GPU ``device`` the backbone runs in torch: ``"auto"`` chooses it there.
+
+        Raises:
+            PatchadError: an unknown engine, one that is not installed, or one other than
+                torch on a GPU.
+        """
+        from patchad.engines import EngineBackbone, resolve_engine
+
+        if device is not None and device.type != "cpu":
+            if engine not in ("auto", "torch"):
+                raise PatchadError(
+                    f"engine {engine} runs the backbone on the CPU; on device {device} use "
+                    "engine 'torch' or 'auto'"
+                )
+            engine = "torch"
+
+        chosen = resolve_engine(engine, self.backbone_name)
+        if chosen != self.engine:
+            self.engine = chosen
+            self.runner = None if chosen == "torch" else EngineBackbone(self, chosen)
+        return chosen
 
     def on(self, device: torch.device) -> FeatureExtractor:
         """Move the inference copy to ``device`` (once; ``model``, whose weights the fingerprint
@@ -408,7 +435,8 @@ class FeatureExtractor(nn.Module):
 
     @torch.inference_mode()
     def forward(self, images: Tensor) -> list[Tensor]:
-        """Feature maps of the chosen layers.
+        """Feature maps of the chosen layers, on :attr:`engine` (torch unless
+        :meth:`use_engine` chose another).
 
         Args:
             images: normalised images, shape (B, 3, H, W), on the device of the inference
@@ -417,6 +445,8 @@ class FeatureExtractor(nn.Module):
         Returns:
             One tensor per layer, shape (B, C_l, H / stride_l, W / stride_l), on that device.
         """
+        if self.runner is not None:
+            return self.runner(images)
         if self.channels_last:  # outputs back to the default layout, as the patch code expects
             images = images.contiguous(memory_format=torch.channels_last)
             return [f.contiguous() for f in self.inference_model(images)]

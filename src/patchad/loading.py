@@ -18,6 +18,7 @@ from patchad.batching import (
     image_dims,
     iter_loaded,
 )
+from patchad.errors import ConfigError
 
 __all__ = [
     "Batch",
@@ -27,6 +28,7 @@ __all__ = [
     "as_items",
     "image_dims",
     "iter_batches",
+    "split_calibration",
 ]
 
 
@@ -70,3 +72,30 @@ def iter_batches(
     """
     for part in iter_loaded(items, preprocess, batch_size, workers=workers, skip_bad=skip_bad):
         yield Batch(tensors=list(part.inputs), sizes=part.sizes, names=part.names)
+
+
+def split_calibration(
+    items: list[ImageLike], share: float, seed: int
+) -> tuple[list[ImageLike], list[ImageLike]]:
+    """Split good images into (training, calibration).
+
+    ``round(share * N)`` images, at least 1 when ``share`` is > 0, are drawn without
+    replacement by a ``torch.Generator`` seeded with ``seed``; both parts keep the input order.
+
+    Raises:
+        ConfigError: the split would leave no image for training.
+    """
+    if not share:
+        return items, []
+    n_cal = max(1, round(share * len(items)))
+    if n_cal >= len(items):
+        raise ConfigError(
+            f"calibration_split={share} holds out {n_cal} of "
+            f"{len(items)} images, leaving none for training; give more images or "
+            "set calibration_split=0"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    held = set(torch.randperm(len(items), generator=generator)[:n_cal].tolist())
+    train = [x for i, x in enumerate(items) if i not in held]
+    calib = [x for i, x in enumerate(items) if i in held]
+    return train, calib

@@ -46,14 +46,16 @@ def load_model(
         path: the model file.
         weights: backbone weights file for a ``.safetensors`` model, if not where it was at fit.
         threads: CPU threads of the ONNX runtime (None: its default).
-        engine: what runs an exported model, ``"onnxruntime"`` (None: the default) or
-            ``"openvino"``.
+        engine: for an exported model, what runs it: ``"onnxruntime"`` (None or ``"auto"``:
+            the default, faster than OpenVINO for SPADE) or ``"openvino"``; for a
+            ``.safetensors`` one, only checked here (:func:`patchad.engines.resolve_engine`):
+            the caller passes it to ``predict``, which runs the backbone on it.
         device: where it predicts, ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``
             (:mod:`patchad.devices`; for ``.onnx``, onnxruntime's CUDA provider).
 
     Raises:
-        PatchadError: a bad file, ``weights`` given for an exported model, or ``engine`` for a
-            ``.safetensors`` one.
+        PatchadError: a bad file, ``weights`` given for an exported model, ``engine="torch"``
+            for one, or an engine that is unknown or not installed.
     """
     p = Path(path)
     if p.suffix.lower() == ".onnx":
@@ -61,9 +63,17 @@ def load_model(
 
         if weights is not None:
             raise PatchadError(f"{p}: --weights does not apply to an exported model")
-        return load_onnx(p, threads=threads, engine=engine or "onnxruntime", device=device)
+        if engine == "torch":
+            raise PatchadError(f"{p}: an exported model runs on onnxruntime or openvino, not torch")
+        chosen = "onnxruntime" if engine is None or engine == "auto" else engine
+        return load_onnx(p, threads=threads, engine=chosen, device=device)
     if engine is not None:
-        raise PatchadError(f"{p}: --engine applies to exported (.onnx) models only")
+        from patchad.engines import resolve_engine
+
+        try:
+            resolve_engine(engine)
+        except PatchadError as exc:
+            raise PatchadError(f"{p}: {exc}") from None
     try:
         from patchad.detectors import load
 

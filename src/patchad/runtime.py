@@ -114,13 +114,22 @@ class ExportedModel:
         metadata: its ``patchad`` metadata (see :mod:`patchad.export`).
         method: ``"patchcore"``, ``"padim"`` or ``"spade"``.
         batch_size: images per run of the graph (the fitted model's).
+        engine: what runs the graph, ``"onnxruntime"`` or ``"openvino"`` (chosen by :func:`load`).
         fpr: the target false-alarm rate the model was calibrated for.
         image_threshold_: the calibrated image threshold; None when the model has none.
         pixel_threshold_: the calibrated pixel threshold; None when the model has none.
     """
 
-    def __init__(self, path: Path, metadata: dict[str, Any], session: Any, batch_size: int) -> None:
+    def __init__(
+        self,
+        path: Path,
+        metadata: dict[str, Any],
+        session: Any,
+        batch_size: int,
+        engine: str = "onnxruntime",
+    ) -> None:
         self.path = path
+        self.engine = engine
         self.metadata = metadata
         self.method = str(metadata["method"])
         self.lineage_ = metadata.get("lineage")  # None for files exported before lineage
@@ -177,10 +186,22 @@ class ExportedModel:
             self.pixel_threshold_,
         )
 
+    def _check_engine(self, engine: str) -> None:
+        if engine not in ("auto", self.engine):
+            raise PatchadError(
+                f"{self.path}: loaded on {self.engine}; load it with engine={engine!r} to run there"
+            )
+
     def iter_predict(
-        self, images: Images, *, progress: bool = False, skip_bad: bool = False
+        self,
+        images: Images,
+        *,
+        progress: bool = False,
+        skip_bad: bool = False,
+        engine: str = "auto",
     ) -> Iterator[Prediction]:
         """One :class:`Prediction` per batch as soon as it is scored (see :meth:`predict`)."""
+        self._check_engine(engine)
         items = as_items(images)
         batches = iter_loaded(items, self.preprocess, self.batch_size, skip_bad=skip_bad)
         bar = None
@@ -206,7 +227,12 @@ class ExportedModel:
                 bar.close()
 
     def predict(
-        self, images: Images, *, progress: bool = False, skip_bad: bool = False
+        self,
+        images: Images,
+        *,
+        progress: bool = False,
+        skip_bad: bool = False,
+        engine: str = "auto",
     ) -> Prediction:
         """Score images; higher = more anomalous.
 
@@ -214,13 +240,16 @@ class ExportedModel:
             images: a folder, an image file, a PIL image, or a sequence of these.
             progress: show a progress bar (when tqdm is installed).
             skip_bad: skip unreadable images with a ``SkippedImageWarning`` each.
+            engine: ``"auto"`` or the engine :func:`load` chose (:attr:`engine`); the signature
+                of :meth:`patchad.detectors.base.Detector.predict`, whose engine is per call.
 
         Returns:
             Image scores (B,), maps at each image's original size, and, when calibrated,
             p-values, decisions and masks.
         """
         scores, maps, names = [], [], []
-        for part in self.iter_predict(images, progress=progress, skip_bad=skip_bad):
+        parts = self.iter_predict(images, progress=progress, skip_bad=skip_bad, engine=engine)
+        for part in parts:
             scores.append(part.scores)
             maps.extend(part.maps)
             names.extend(part.names)
@@ -269,7 +298,8 @@ def load(
             raise PatchadError(f"{p}: engine openvino runs on the CPU, not device {device!r}")
         metadata = read_onnx_metadata(p)
         session = _openvino_session(p, threads)
-        return ExportedModel(p, metadata, session, batch_size or int(metadata["batch_size"]))
+        batch = batch_size or int(metadata["batch_size"])
+        return ExportedModel(p, metadata, session, batch, "openvino")
     ort = _onnxruntime(p)
     metadata = read_onnx_metadata(p)
     options = ort.SessionOptions()

@@ -58,6 +58,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         raise PatchadError("--device: not with --ray (its workers choose their own)")
     device = resolve_device(args.device or "auto")  # a missing GPU fails here, before any work
     _say(args, f"fitting {args.method} on {len(images)} images from {args.data}")
+    if args.engine is not None and args.ray is not None:
+        raise PatchadError("--engine: not with --ray (its workers use the default engine)")
     if args.ray is None:
         _say(args, describe_device(device))
         for line in detector.describe_fit(images):  # geometry, tiles, memory, coreset choice
@@ -72,6 +74,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             skip_bad=args.skip_bad,
             device=device,
+            engine=args.engine or "auto",
         )
     if detector.is_calibrated:
         _say(
@@ -173,7 +176,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 )
         else:
             written = write_predictions(
-                detector.iter_predict(paths, skip_bad=args.skip_bad),
+                detector.iter_predict(paths, skip_bad=args.skip_bad, engine=args.engine or "auto"),
                 paths,
                 out,
                 sources=args.paths,
@@ -220,7 +223,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise PatchadError("calibrate: nothing to do; give --data GOOD_DIR and/or --fpr")
     detector = load(args.model, weights=args.weights)
     images = None if args.data is None else _good_images(args.data)
-    detector.calibrate(images, fpr=args.fpr, progress=not args.quiet)
+    engine = args.engine or "auto"
+    detector.calibrate(images, fpr=args.fpr, progress=not args.quiet, engine=engine)
     out = Path(args.model if args.out is None else args.out)
     detector.save(out, force=args.force)
     _say(
@@ -253,6 +257,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         save_maps=args.save_maps,
         progress=not args.quiet,
         intervals=args.intervals,
+        engine=args.engine or "auto",
     )
     result = {
         "model": str(args.model),

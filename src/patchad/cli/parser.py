@@ -53,12 +53,13 @@ def _cpus_argument(parser: argparse.ArgumentParser, task: str) -> None:
     )
 
 
-def _engine_argument(parser: argparse.ArgumentParser) -> None:
+def _engine_argument(parser: argparse.ArgumentParser, exported: bool = True) -> None:
+    what = "an exported .onnx model (default onnxruntime) or " if exported else ""
     parser.add_argument(
         "--engine",
-        choices=("onnxruntime", "openvino"),
-        help="what runs an exported .onnx model (default onnxruntime; openvino needs "
-        "pip install openvino)",
+        choices=("auto", "torch", "onnxruntime", "openvino"),
+        help=f"what runs {what}the backbone of a .safetensors model (default auto: the fastest "
+        "installed, see docs/engines.md); openvino needs pip install openvino",
     )
 
 
@@ -153,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip-bad", action="store_true", help="skip unreadable images with a warning each"
     )
     _device_argument(fit, "the fit (backbone, coreset or Gaussians)")
+    _engine_argument(fit, exported=False)
     _ray_arguments(fit)
     _cpus_argument(fit, "coreset shard task")
     fit.set_defaults(func="fit")
@@ -351,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="overwrite --out, or rewrite --model in place"
     )
     calibrate.add_argument("--weights", help="backbone weights file, if not where it was at fit")
+    _engine_argument(calibrate, exported=False)
     calibrate.set_defaults(func="calibrate")
 
     demo = sub.add_parser("demo", help="run end to end on built-in synthetic data, offline")

@@ -28,12 +28,8 @@ from patchad.features import (
     layer_indices,
     layers_at_strides,
 )
-from patchad.geometry import (
-    Box,
-    Size,
-    stitch,
-)
-from patchad.loading import Images, as_items, iter_batches
+from patchad.geometry import Box, Size, stitch
+from patchad.loading import ImageLike, Images, as_items, iter_batches, split_calibration
 from patchad.modelfile import checksum, model_id, write_model
 from patchad.ops.maps import anomaly_map
 from patchad.params import Parameters
@@ -198,6 +194,11 @@ class Detector(InputGeometry, Parameters, OnDevice):
             for _, stacked in self._grouped(views):
                 yield self.features(stacked)
 
+    def split_calibration(self, images: Images) -> tuple[list[ImageLike], list[ImageLike]]:
+        """Split good images into (training, calibration) by ``calibration_split`` and ``seed``
+        (:func:`patchad.loading.split_calibration`)."""
+        return split_calibration(as_items(images), self.calibration_split, self.seed)
+
     def fit(
         self,
         images: Images,
@@ -206,6 +207,7 @@ class Detector(InputGeometry, Parameters, OnDevice):
         progress: bool = False,
         skip_bad: bool = False,
         device: str | torch.device = "auto",
+        engine: str = "auto",
     ) -> Self:
         """Learn what normal looks like from defect-free images, then calibrate thresholds.
 
@@ -218,6 +220,8 @@ class Detector(InputGeometry, Parameters, OnDevice):
                 raising ``PatchadError`` at the first one.
             device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or
                 ``"cuda:N"`` (:mod:`patchad.devices`); later predictions default to it too.
+            engine: what runs the backbone: ``"auto"`` (the fastest installed), ``"torch"``,
+                ``"onnxruntime"`` or ``"openvino"`` (:mod:`patchad.engines`).
 
         Returns:
             self.
@@ -239,6 +243,7 @@ class Detector(InputGeometry, Parameters, OnDevice):
         self._check_views(self._fit_views, self._fit_inputs)
         self._check_resources(len(train))
         self._build()
+        self.extractor_.use_engine(engine, self.device_in_use)
         batches = self._feature_batches(train, progress, f"{self.method} fit", skip_bad)
         seen = [0]  # inputs that reached the model (unreadable images may be skipped)
 
@@ -254,7 +259,7 @@ class Detector(InputGeometry, Parameters, OnDevice):
         self.fingerprint_ = self.extractor_.fingerprint
         self.lineage_ = {"fit": lineage.record(train, seen[0], len(calib)), "updates": []}
         if calib:
-            self.calibrate(calib, progress=progress, device=self.device_in_use)
+            self.calibrate(calib, progress=progress, device=self.device_in_use, engine=engine)
         return self
 
     def update(
@@ -324,6 +329,7 @@ class Detector(InputGeometry, Parameters, OnDevice):
         fpr: float | None = None,
         progress: bool = False,
         device: str | torch.device | None = None,
+        engine: str = "auto",
     ) -> Self:
         """Set the image and pixel thresholds from good images; the model itself is unchanged.
 
@@ -339,6 +345,7 @@ class Detector(InputGeometry, Parameters, OnDevice):
             fpr: chosen false-alarm rate in [0, 1); None keeps ``self.fpr``. Stored as ``fpr``.
             progress: show a progress bar.
             device: where ``images`` are scored, as for :meth:`predict`.
+            engine: what runs the backbone, as for :meth:`fit`.
 
         Returns:
             self.
@@ -354,7 +361,7 @@ class Detector(InputGeometry, Parameters, OnDevice):
                 raise ConfigError(f"fpr must be in [0, 1), got {fpr!r}")
             self.fpr = fpr
         if images is not None:
-            pred = self.predict(images, progress=progress, device=device)
+            pred = self.predict(images, progress=progress, device=device, engine=engine)
             self.calibration_scores_ = torch.from_numpy(np.sort(pred.scores).astype(np.float32))
             map_max = np.array([float(m.max()) for m in pred.maps], dtype=np.float32)
             self.calibration_map_max_ = torch.from_numpy(np.sort(map_max))
@@ -381,6 +388,7 @@ class Detector(InputGeometry, Parameters, OnDevice):
         progress: bool = False,
         skip_bad: bool = False,
         device: str | torch.device | None = None,
+        engine: str = "auto",
     ) -> Prediction:
         """Score images; higher = more anomalous.
 
@@ -391,12 +399,16 @@ class Detector(InputGeometry, Parameters, OnDevice):
                 absent from the result's ``names``) instead of raising at the first one.
             device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; None keeps the device
                 of the last ``fit``, ``predict`` or ``load`` (:attr:`device_in_use`).
+            engine: what runs the backbone, as for :meth:`fit`.
 
         Returns:
             Image scores (B,) and anomaly maps at each image's original size (on the CPU).
         """
         scores, maps, names = [], [], []
-        for part in self.iter_predict(images, progress=progress, skip_bad=skip_bad, device=device):
+        parts = self.iter_predict(
+            images, progress=progress, skip_bad=skip_bad, device=device, engine=engine
+        )
+        for part in parts:
             scores.append(part.scores)
             maps.extend(part.maps)
             names.extend(part.names)
@@ -422,12 +434,14 @@ class Detector(InputGeometry, Parameters, OnDevice):
         progress: bool = False,
         skip_bad: bool = False,
         device: str | torch.device | None = None,
+        engine: str = "auto",
     ) -> Iterator[Prediction]:
         """Like :meth:`predict`, one :class:`Prediction` per batch as soon as it is scored, so a
         caller can keep what finished if a later image fails."""
         self._check_fitted("predict")
         if device is not None:
             self._use_device(device)
+        self.extractor_.use_engine(engine, self.device_in_use)
         items = as_items(images)
         total = -(-len(items) // self.batch_size)
         batches = iter_batches(items, self.preprocess_, self.batch_size, skip_bad=skip_bad)
