@@ -87,7 +87,7 @@ class PatchCore(Detector):
             recorded in the model file). With an approximate backend each image's largest
             patch scores are searched again exactly until its maximum is certified
             (:func:`~patchad.ops.knn.refine_top`), so the image score is the exact search's
-            and only the map's lower values may be approximate; see ``docs/speed.md``.
+            and only the map's lower values may be approximate (``docs/methods.md``).
         feature_dtype: precision of the stored full-dimensional training features,
             ``"float32"`` or ``"float16"`` (halves their memory; the bank is float32 either way).
         feature_storage: where full features wait while the coreset runs: ``"memory"``,
@@ -433,6 +433,7 @@ class PatchCore(Detector):
             if n >= total:
                 self.memory_bank_ = store.all().float().contiguous()
                 self.coreset_radius_ = 0.0
+                self._resolve_search()
                 return
             points = projected if projected is not None else store.all().float()
             rows = self.shard_rows(total, n)
@@ -449,10 +450,9 @@ class PatchCore(Detector):
             del points, projected
             self.memory_bank_ = store.gather(cover.index).contiguous()  # M_C
             self.coreset_radius_ = cover.radius
+            self._resolve_search()
         finally:
             store.close()
-            if hasattr(self, "memory_bank_"):
-                self._resolve_search()
 
     def _state(self) -> dict[str, Any]:
         radius = getattr(self, "coreset_radius_", None)

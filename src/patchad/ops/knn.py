@@ -181,10 +181,10 @@ HNSW_MIN_ROWS = 8192
 #: ...and ``"faiss-ivf"`` from this many rows (approximate search).
 IVF_MIN_ROWS = 1_000_000
 #: HNSW graph degree (faiss ``M``), construction and search breadth (``efConstruction``,
-#: ``efSearch``): see ``docs/speed.md`` for the recall and metric deltas they were chosen by.
+#: ``efSearch``); the recall and metric deltas they were chosen by: ``docs/methods.md``.
 HNSW_M = 16
 HNSW_EF_CONSTRUCTION = 40
-HNSW_EF_SEARCH = 16
+HNSW_EF_SEARCH = 32
 
 
 def has_faiss() -> bool:
