@@ -44,7 +44,7 @@ def test_ivf_is_exact_when_probing_every_cell():
 
 
 def test_auto_backend_rule():
-    assert auto_backend(10_000) == "torch"
+    assert auto_backend(2_000) == "torch"
     assert auto_backend(IVF_MIN_ROWS) == "faiss-ivf"
 
 

@@ -203,6 +203,7 @@ def fit_sharded(
     for name in (*detector.calibration_tensors, "image_threshold_", "pixel_threshold_"):
         detector.__dict__.pop(name, None)
     detector.memory_bank_ = torch.cat(parts).contiguous()
+    detector._resolve_search()  # recorded as a local fit records it
     detector.fingerprint_ = detector.extractor_.fingerprint
     if calib:
         detector.calibrate(calib, progress=progress)

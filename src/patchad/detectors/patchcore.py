@@ -21,7 +21,14 @@ from patchad.ops.coreset import (
     sharded_greedy_cover,
     sharded_seconds,
 )
-from patchad.ops.knn import BACKENDS, SearchIndex
+from patchad.ops.knn import (
+    BACKENDS,
+    SearchIndex,
+    auto_backend,
+    has_faiss,
+    legacy_auto_backend,
+    refine_top,
+)
 from patchad.ops.patches import align_and_concat, local_aggregate, reduce_channels
 from patchad.ops.scores import reweighted_image_score
 from patchad.store import RowStore
@@ -75,9 +82,14 @@ class PatchCore(Detector):
         batch_size: images per forward pass.
         seed: seeds the projection and the coreset's first point.
         search: nearest-neighbour backend: ``"torch"`` (exact, chunked), ``"faiss"`` (exact
-            ``IndexFlatL2``), ``"faiss-ivf"`` (approximate, for banks over a million patches), or
-            ``"auto"`` (see :func:`patchad.ops.knn.auto_backend`). On a GPU the search is
-            always torch's (exact; faiss here is faiss-cpu).
+            ``IndexFlatL2``), ``"faiss-hnsw"`` (approximate HNSW graph), ``"faiss-ivf"``
+            (approximate, for banks over a million patches), or ``"auto"`` (default: resolved
+            at fit by :func:`patchad.ops.knn.auto_backend`, HNSW from 8,192 bank rows, and
+            recorded in the model file). With an approximate backend each image's largest
+            patch scores are searched again exactly until its maximum is certified
+            (:func:`~patchad.ops.knn.refine_top`), so the image score is the exact search's
+            and only the map's lower values may be approximate (``docs/methods.md``). On a GPU
+            the search is always torch's (exact; faiss here is faiss-cpu).
         feature_dtype: precision of the stored full-dimensional training features,
             ``"float32"`` or ``"float16"`` (halves their memory; the bank is float32 either way).
         feature_storage: where full features wait while the coreset runs: ``"memory"``,
@@ -177,7 +189,20 @@ class PatchCore(Detector):
     def uses_seed(self) -> bool:
         """The seed draws the coreset's projection and first point (``coreset_ratio`` < 1) and
         the IVF index's k-means (``search="faiss-ivf"``), besides the calibration hold-out."""
-        return super().uses_seed or self.coreset_ratio < 1 or self.search == "faiss-ivf"
+        return super().uses_seed or self.coreset_ratio < 1 or self.search_backend() == "faiss-ivf"
+
+    def search_backend(self) -> str:
+        """The search backend predict uses: ``search`` unless ``"auto"``, else the one the fit
+        resolved and recorded; a model file from before that record keeps its old meaning of
+        ``"auto"``, exact below a million rows (:func:`~patchad.ops.knn.legacy_auto_backend`).
+        A recorded faiss backend falls back to the exact torch search without faiss."""
+        if self.search != "auto":
+            return self.search
+        bank = getattr(self, "memory_bank_", None)
+        recorded = getattr(self, "search_", None)
+        if recorded is None:
+            return "auto" if bank is None else legacy_auto_backend(bank.shape[0])
+        return recorded if recorded == "torch" or has_faiss() else "torch"
 
     def _validate(self) -> None:
         super()._validate()
@@ -424,6 +449,7 @@ class PatchCore(Detector):
             if n >= total:
                 self.memory_bank_ = store.all().float().contiguous()
                 self.coreset_radius_ = 0.0
+                self._resolve_search()
                 return
             device = self.device_in_use
             points = projected if projected is not None else store.all().float().to(device)
@@ -441,6 +467,7 @@ class PatchCore(Detector):
             del points, projected
             self.memory_bank_ = store.gather(cover.index).contiguous()  # M_C
             self.coreset_radius_ = cover.radius
+            self._resolve_search()
         finally:
             store.close()
 
@@ -448,6 +475,7 @@ class PatchCore(Detector):
         facts = {
             "coreset_radius": getattr(self, "coreset_radius_", None),
             "coreset_patches": getattr(self, "coreset_patches_", None),
+            "search": getattr(self, "search_", None),
         }
         return {k: v for k, v in facts.items() if v is not None}
 
@@ -456,6 +484,14 @@ class PatchCore(Detector):
             self.coreset_radius_ = float(state["coreset_radius"])
         if "coreset_patches" in state:  # absent from files made before `grow="ratio"`
             self.coreset_patches_ = int(state["coreset_patches"])
+        if "search" in state:  # absent from files made before the fit recorded its search
+            self.search_ = str(state["search"])
+
+    def _resolve_search(self) -> None:
+        """Record the search ``"auto"`` resolves to for the bank now held (at fit and update)."""
+        self.search_ = (
+            self.search if self.search != "auto" else auto_backend(len(self.memory_bank_))
+        )
 
     def _update(
         self, batches: Iterator[list[Tensor]], num_images: int, growth: Growth
@@ -500,6 +536,8 @@ class PatchCore(Detector):
         finally:
             store.close()
         self.__dict__.pop("_index", None)  # the search index belongs to the old bank
+        if getattr(self, "search_", None) is not None:
+            self._resolve_search()
         return {
             "rule": growth.rule,
             "new_patches": new_patches,
@@ -510,6 +548,16 @@ class PatchCore(Detector):
             "radius_from": source,
         }
 
+    def _search_image(self, query: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """One image's k nearest bank rows, the top patches made exact after an approximate
+        search (:func:`~patchad.ops.knn.refine_top`)."""
+        dist, index = self._index.search(query, k)
+        if self._index.approximate:
+            dist, index, _ = refine_top(
+                query, dist, index, self._index.bank, bank_sq=self._index.bank_sq
+            )
+        return dist, index
+
     def _score(self, features: list[Tensor]) -> tuple[Tensor, Tensor | None]:
         e = self.embed(features)
         b, d, h, w = e.shape
@@ -518,13 +566,13 @@ class PatchCore(Detector):
         queries = e.permute(0, 2, 3, 1).reshape(-1, d).contiguous()
         bank = self._placed(self.memory_bank_)
         cached = getattr(self, "_index", None)
-        if cached is None or cached.bank is not bank:
-            backend = self.search if bank.device.type == "cpu" else "torch"  # faiss-cpu
+        backend = self.search_backend() if bank.device.type == "cpu" else "torch"  # faiss-cpu
+        if cached is None or cached.bank is not bank or cached.backend != backend:
             self._index = SearchIndex(bank, backend=backend, seed=self.seed)
         k = min(self.num_neighbors, bank.shape[0])
         # one search per image: BLAS rounding depends on the number of query rows, so an image's
         # score would otherwise depend on the other images of its batch (up to ~1e-4 here)
-        found = [self._index.search(q, k) for q in queries.split(h * w)]
+        found = [self._search_image(q, k) for q in queries.split(h * w)]
         dist, index = torch.cat([f[0] for f in found]), torch.cat([f[1] for f in found])
         patch = dist.mean(1).reshape(b, h * w)  # s(m_test) = ||m_test - m*||, Eq. 6
         if self.reweight:

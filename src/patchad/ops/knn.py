@@ -61,6 +61,55 @@ def knn(
     return torch.cat(dists), torch.cat(idxs)
 
 
+def refine_top(
+    query: Tensor,
+    dist: Tensor,
+    index: Tensor,
+    bank: Tensor,
+    *,
+    bank_sq: Tensor | None = None,
+    first: int = 8,
+) -> tuple[Tensor, Tensor, int]:
+    """Make an approximate search exact where an image's score is taken: its largest patches.
+
+    An approximate search returns k bank rows, and the i-th nearest of any k rows is at least
+    as far as the i-th nearest of all, so an approximate patch score (the mean of its k
+    distances) bounds the exact one from above. The queries are searched again exactly, in
+    order of decreasing approximate score, ``first`` of them, then twice as many each round,
+    until the next approximate score is at most the largest exact score found: then no
+    unrefined query can hold the maximum, and the largest patch score and its neighbours are
+    the exact search's (up to float rounding).
+
+    Args:
+        query: one image's patches, shape (M, D).
+        dist: approximate distances, ascending per row, shape (M, k).
+        index: their bank indices, shape (M, k).
+        bank: shape (N, D).
+        bank_sq: precomputed ``squared_norms(bank)``, shape (N,).
+        first: queries searched exactly in the first round.
+
+    Returns:
+        Distances and indices (copies, the refined rows exact), shapes (M, k), and the number
+        of queries searched again.
+    """
+    k = dist.shape[1]
+    score = dist.mean(1)
+    order = score.argsort(descending=True)
+    dist, index = dist.clone(), index.clone()
+    best = float("-inf")
+    done, step = 0, max(1, first)
+    while done < len(order):
+        rows = order[done : done + step]
+        d, i = knn(query[rows], bank, k, bank_sq=bank_sq)
+        dist[rows], index[rows] = d, i
+        best = max(best, d.mean(1).max().item())
+        done += len(rows)
+        step *= 2
+        if done < len(order) and score[order[done]].item() <= best:
+            break
+    return dist, index, done
+
+
 #: :func:`min_distance` compares queries with at most this many bank rows at a time...
 TILE_ROWS = 4096
 #: ...and holds at most this many distances at once (8 MiB), so that a tile stays in cache:
@@ -123,27 +172,49 @@ def _faiss_search(index, query: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 
 #: Search backends a detector accepts.
-BACKENDS = ("auto", "torch", "faiss", "faiss-ivf")
+BACKENDS = ("auto", "torch", "faiss", "faiss-ivf", "faiss-hnsw")
+#: The backends that return approximate neighbours.
+APPROXIMATE = ("faiss-ivf", "faiss-hnsw")
 
-#: ``"auto"`` picks ``"faiss-ivf"`` for banks of at least this many rows (approximate search).
+#: ``"auto"`` picks ``"faiss-hnsw"`` for banks of at least this many rows...
+HNSW_MIN_ROWS = 8192
+#: ...and ``"faiss-ivf"`` from this many rows (approximate search).
 IVF_MIN_ROWS = 1_000_000
+#: HNSW graph degree (faiss ``M``), construction and search breadth (``efConstruction``,
+#: ``efSearch``); the recall and metric deltas they were chosen by: ``docs/methods.md``.
+HNSW_M = 16
+HNSW_EF_CONSTRUCTION = 40
+HNSW_EF_SEARCH = 32
+
+
+def has_faiss() -> bool:
+    try:
+        _faiss()
+    except ImportError:
+        return False
+    return True
 
 
 def auto_backend(bank_rows: int) -> str:
     """The backend ``"auto"`` resolves to for a bank of ``bank_rows`` rows.
 
-    Rule, from measurements on the 2-core development machine (``benchmarks/bench_knn.py``,
-    results in ``benchmarks/results/knn.txt``), searching as predict does, one image's 1,024
-    patches at a time: the chunked torch search was 2.0-4.1x faster than faiss ``IndexFlatL2``
-    at every measured bank (2k-200k rows at 152 dims, 40k at 1,536), so exact search uses
-    torch. From a million rows on (the issue's threshold) the approximate IVF index is used
-    when faiss is installed.
+    Rule, from measurements on the 2-core development machine, searching as predict does,
+    one image's 1,024 patches at a time: the chunked torch search was 2.0-4.1x faster than
+    faiss ``IndexFlatL2`` at every measured bank (``benchmarks/results/knn.txt``), so exact
+    search uses torch; below :data:`HNSW_MIN_ROWS` rows it costs at most about half the
+    backbone's forward. From :data:`HNSW_MIN_ROWS` rows the approximate HNSW graph
+    (``benchmarks/bench_search10.py``, ``benchmarks/results/search10.txt``), and from a million
+    rows the approximate IVF index, when faiss is installed; torch otherwise.
     """
-    if bank_rows < IVF_MIN_ROWS:
+    if bank_rows < HNSW_MIN_ROWS or not has_faiss():
         return "torch"
-    try:
-        _faiss()
-    except ImportError:
+    return "faiss-hnsw" if bank_rows < IVF_MIN_ROWS else "faiss-ivf"
+
+
+def legacy_auto_backend(bank_rows: int) -> str:
+    """What ``"auto"`` meant for model files written before the fit recorded its search:
+    exact torch below a million rows, IVF from a million with faiss."""
+    if bank_rows < IVF_MIN_ROWS or not has_faiss():
         return "torch"
     return "faiss-ivf"
 
@@ -157,6 +228,9 @@ class SearchIndex:
         nlist: IVF cells (``"faiss-ivf"``); None = ``4 * sqrt(N)``.
         nprobe: cells visited per query (``"faiss-ivf"``).
         seed: seeds the IVF k-means.
+
+    The faiss indexes are built on one thread, so the same bank always gives the same index
+    (faiss inserts into an HNSW graph in parallel in an arbitrary order otherwise).
     """
 
     def __init__(
@@ -172,8 +246,18 @@ class SearchIndex:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.bank = bank
         self.backend = auto_backend(bank.shape[0]) if backend == "auto" else backend
-        self._sq = squared_norms(bank) if self.backend == "torch" else None
+        self.approximate = self.backend in APPROXIMATE
+        self.bank_sq = squared_norms(bank) if self.backend == "torch" or self.approximate else None
         self._faiss = None
+        if self.backend != "torch":
+            threads = _faiss().omp_get_max_threads()
+            _faiss().omp_set_num_threads(1)
+            try:
+                self._build(bank, nlist, nprobe, seed)
+            finally:
+                _faiss().omp_set_num_threads(threads)
+
+    def _build(self, bank: Tensor, nlist: int | None, nprobe: int, seed: int) -> None:
         if self.backend == "faiss":
             self._faiss = _faiss().IndexFlatL2(bank.shape[1])
             self._faiss.add(_numpy(bank))
@@ -190,11 +274,17 @@ class SearchIndex:
             index.nprobe = min(nprobe, cells)
             self._quantizer = quantizer  # keep alive
             self._faiss = index
+        elif self.backend == "faiss-hnsw":
+            index = _faiss().IndexHNSWFlat(bank.shape[1], HNSW_M)
+            index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+            index.hnsw.efSearch = HNSW_EF_SEARCH
+            index.add(_numpy(bank))
+            self._faiss = index
 
     def search(self, query: Tensor, k: int = 1) -> tuple[Tensor, Tensor]:
         """Distances (Euclidean, ascending) and indices of the k nearest rows, (M, k) each."""
         if not 1 <= k <= self.bank.shape[0]:
             raise ValueError(f"k must be in [1, {self.bank.shape[0]}], got {k}")
         if self._faiss is None:
-            return knn(query, self.bank, k, bank_sq=self._sq, backend="torch")
+            return knn(query, self.bank, k, bank_sq=self.bank_sq, backend="torch")
         return _faiss_search(self._faiss, query, k)
