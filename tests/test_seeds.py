@@ -210,15 +210,20 @@ def test_single_seed_renders_as_before_plus_the_intervals(tmp_path):
     assert small.sub("", stripped) == small.sub("", plain)
 
 
-def test_evaluate_intervals_behind_a_flag(fitted, demo_root: Path, tmp_path: Path):
+def test_evaluate_intervals_by_default_and_skipped_on_request(
+    fitted, demo_root: Path, tmp_path: Path
+):
     model = tmp_path / "m.safetensors"
     fitted.save(model)
     args = ["-q", "evaluate", "--model", str(model), "--data", str(demo_root / "object")]
-    assert main([*args, "--out", str(tmp_path / "plain.json")]) == 0
-    assert main([*args, "--intervals", "--out", str(tmp_path / "ci.json")]) == 0
+    assert main([*args, "--no-intervals", "--out", str(tmp_path / "plain.json")]) == 0
+    assert main([*args, "--out", str(tmp_path / "ci.json")]) == 0
+    assert main([*args, "--intervals", "--out", str(tmp_path / "again.json")]) == 0
     plain = json.loads((tmp_path / "plain.json").read_text())
     ci = json.loads((tmp_path / "ci.json").read_text())
+    again = json.loads((tmp_path / "again.json").read_text())
     assert "intervals" not in plain
+    assert again["intervals"] == ci["intervals"]  # seeded: the same resamples
     assert set(ci["intervals"]) == {"image_auroc", "pixel_auroc", "aupro", "f1_max"}
     for key, (lo, hi) in ci["intervals"].items():
         assert lo <= ci[key] <= hi
