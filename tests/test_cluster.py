@@ -22,7 +22,7 @@ import pytest
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from holds import HANG_S, Hold  # noqa: E402
+from holds import HANG_S, Hold, wait_until  # noqa: E402
 from patchad.cli import main  # noqa: E402
 from patchad.testhold import ENV  # noqa: E402
 
@@ -329,3 +329,51 @@ def test_padim_fit_on_ray_matches_local(
     assert got.predict(images[:4]).scores == pytest.approx(
         want.predict(images[:4]).scores, rel=1e-3
     )
+
+
+@pytest.mark.races
+def test_benchmark_seeds_are_cells_like_any_other(
+    cluster: Cluster, hold_dir: Path, demo_root: Path, tmp_path: Path
+) -> None:
+    """``--seeds 2 --ray``: each seed is a Ray task of its own. One seed's cell is held at its
+    start while the other finishes and is written; the rows equal a local ``--seeds 2`` run."""
+    args = ["-q", "benchmark", "--data", str(demo_root), "--categories", "object", *FAST]
+    args += ["--methods", "patchcore", "--seeds", "2"]  # two cells, one per 1-CPU node
+    local, remote = tmp_path / "local", tmp_path / "ray"
+    assert main(["--threads", "1", *args, "--out", str(local)]) == 0
+    for old in hold_dir.iterdir():  # a previous test's point
+        old.unlink()
+    hold = Hold(hold_dir, "benchmark-cell")
+    written: list[str] = []
+
+    def other_seed_written() -> None:
+        try:
+            hold.wait()  # one cell is held before its fit: it cannot have finished
+            runs = remote / "runs" / "patchcore" / "object"
+            found = wait_until(lambda: sorted(runs.rglob("predictions.npz")), "another cell")
+            written.extend(str(p.relative_to(runs)) for p in found)
+        finally:
+            hold.release()
+
+    watcher = threading.Thread(target=other_seed_written, daemon=True)
+    watcher.start()
+    assert main([*args, "--out", str(remote), "--ray", cluster.address]) == 0
+    watcher.join(HANG_S)
+    assert written, "no other cell finished while one was held"
+    want, got = _rows(local), _rows(remote)
+    assert [_key(r) for r in got] == [_key(r) for r in want]
+    for mine, theirs in zip(got, want, strict=True):
+        assert all(mine[m] == theirs[m] for m in METRICS), _key(mine)
+        assert mine.get("n_seeds") == theirs.get("n_seeds")
+        assert mine.get("seeds") == theirs.get("seeds")
+        if "per_seed" in theirs:
+            mine_seeds = [(s["seed"], s["image_auroc"], s["aupro"]) for s in mine["per_seed"]]
+            want_seeds = [(s["seed"], s["image_auroc"], s["aupro"]) for s in theirs["per_seed"]]
+            assert mine_seeds == want_seeds
+    pc = next(r for r in got if _key(r) == ("patchcore", "object", "original"))
+    assert pc["seeds"] == [0, 1]
+    for seed_dir in ("", "seed1"):
+        a = np.load(local / "runs" / "patchcore" / "object" / seed_dir / "predictions.npz")
+        b = np.load(remote / "runs" / "patchcore" / "object" / seed_dir / "predictions.npz")
+        assert np.array_equal(a["scores"], b["scores"])
+    assert not list((remote / "models").glob("*seed*"))

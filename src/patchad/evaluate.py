@@ -221,7 +221,8 @@ def evaluate(
             (``mask`` None when absent; ``image`` the transformed image, or None without transform).
         progress: show a progress bar.
         intervals: also compute 95 % bootstrap intervals over the test images
-            (:mod:`patchad.bootstrap`; a few seconds on MTD's 583 images).
+            (:mod:`patchad.bootstrap`; measured at 3-13 % of an evaluate on MTD and bottle,
+            ``benchmarks/results/bootstrap_*.txt``; ``patchad evaluate`` turns them on).
         engine: what runs the backbone (``detector.predict``'s ``engine``, :mod:`patchad.engines`).
 
     Returns:
