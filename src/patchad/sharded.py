@@ -117,6 +117,7 @@ def select_shard(
     """
     detector = PatchCore(**params)
     detector._build()
+    detector.extractor_.use_engine("auto")  # the engine a local fit picks by default
     generator = torch.Generator().manual_seed(detector.seed)
     store: RowStore | None = None
     projected = matrix = None
@@ -216,6 +217,7 @@ def padim_moments(params: dict[str, Any], images: Sequence[str | Path]) -> Momen
 
     detector = PaDiM(**params)
     detector._build()
+    detector.extractor_.use_engine("auto")  # the engine a local fit picks by default
     return detector.moments(detector._feature_batches(list(images), False, "shard"))
 
 

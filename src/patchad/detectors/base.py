@@ -283,7 +283,8 @@ class Detector(InputGeometry, Parameters, OnDevice):
             max_added: PatchCore only: most patches added to the memory bank (None: no cap).
             grow: PatchCore only: ``"radius"`` (what lies beyond the fit's covering radius) or
                 ``"ratio"`` (until the bank is ``coreset_ratio`` of every patch seen).
-            progress, skip_bad: as for :meth:`fit`.
+            progress: show progress bars.
+            skip_bad: skip unreadable images with a warning each instead of raising.
 
         Returns:
             self; what changed is in ``last_update_`` (:class:`patchad.update.UpdateReport`).
