@@ -8,16 +8,18 @@ the search). Then, in the same run:
 
 - the index's build time for the bank;
 - on ``--timed`` test images spread over the defect types, in batches of 8 decoded
-  beforehand, per image: the backbone forward, the embedding, the exact search alone (one
-  ``addmm`` + ``min`` per image), the HNSW search alone, HNSW with the exact re-ranking, and
-  the whole ``predict_tensor`` with each search; medians, each as a ratio to the forward; and
+  beforehand, per image: the backbone forward in torch and on the default engine (what
+  ``predict_tensor`` runs; the ratios are given against both), the embedding, the exact
+  search alone (one ``addmm`` + ``min`` per image), the HNSW search alone, HNSW with the
+  exact re-ranking (the batch at once, as predict does) at the default efSearch and at
+  ``--ef``'s, and the whole ``predict_tensor`` with each search; medians; and
   the approximate search's recall@1 against the exact neighbours, its patch-score error, and
   how many patches per image the re-ranking searched again;
 - over the whole test set with each search (:func:`patchad.evaluate.evaluate`, maps at each
   image's size): image AUROC, pixel AUROC and AU-PRO, and their deltas.
 
 Usage: PYTHONPATH=src python3 benchmarks/bench_search10.py [--sets bottle,mtd]
-    [--cache /tmp/s10] [--timed 48] [--limit 0] [--out search10.txt]
+    [--cache /tmp/s10] [--timed 48] [--limit 0] [--ef 16,24] [--out search10.txt]
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ from _common import BOTTLE, ROOT, header, spread, write_results
 
 MTD = Path(os.environ.get("PATCHAD_MTD", ROOT.parent / "shared/data/mtd"))
 SETS = {"bottle": BOTTLE, "mtd": MTD}
-#: A faster HNSW setting measured beside the default (efSearch, the search breadth).
-FAST_EF = 16
+#: HNSW search breadths (efSearch) measured beside the default (``--ef``).
+OTHER_EF = (16, 24)
 
 
 def _fitted(name: str, root: Path, cache: Path | None):
@@ -72,27 +74,30 @@ def _same_shape(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def _timed_split(
-    det, tests: list[Path], hnsw
+    det, tests: list[Path], hnsw, other_ef: tuple[int, ...]
 ) -> tuple[dict[str, list[float]], dict[str, list[float]], dict]:
     """Per-image seconds of each step, the approximate search's accuracy per image, and each
     search's index (built once: MTD's HNSW takes a minute to build on a loaded machine)."""
     from patchad.loading import iter_batches
-    from patchad.ops.knn import HNSW_EF_SEARCH, SearchIndex, refine_top
+    from patchad.ops.knn import SearchIndex, refine_top
 
     bank = det.memory_bank_
     bank_sq = (bank * bank).sum(1)
     batches = [x for b in iter_batches(tests, det.preprocess_, 8) for x in _same_shape(b.tensors)]
+    engine = det.extractor_.use_engine("auto", det.device_in_use)  # predict's default
     steps: dict[str, list[float]] = {
         k: []
         for k in (
-            "backbone forward",
+            "backbone forward (torch)",
+            f"backbone forward ({engine}, the default engine)",
             "embed",
             "exact search alone (addmm + min)",
             "HNSW search alone",
-            "HNSW + exact re-ranking of the top patches",
-            f"HNSW efSearch={FAST_EF} + exact re-ranking",
+            f"HNSW + exact re-ranking of the top patches (default, efSearch={hnsw.ef_search})",
+            *(f"HNSW efSearch={ef} + exact re-ranking" for ef in other_ef),
             "predict_tensor, search=torch (exact)",
             "predict_tensor, search=auto (default)",
+            *(f"predict_tensor, search=auto, efSearch={ef}" for ef in other_ef),
         )
     }
     accuracy: dict[str, list[float]] = {"recall": [], "error": [], "refined": []}
@@ -109,9 +114,16 @@ def _timed_split(
             indexes[search] = det._index
         for images in batches:
             n = len(images)
+            # torch's forward with the engine's runner set aside (use_engine would build the
+            # engine's session anew at each switch)
+            runner, det.extractor_.runner = det.extractor_.runner, None
+            start = time.perf_counter()
+            det.features(images)
+            lap("backbone forward (torch)", start, n)
+            det.extractor_.runner = runner
             start = time.perf_counter()
             feats = det.features(images)
-            lap("backbone forward", start, n)
+            lap(f"backbone forward ({engine}, the default engine)", start, n)
             start = time.perf_counter()
             e = det.embed(feats)
             lap("embed", start, n)
@@ -121,18 +133,22 @@ def _timed_split(
             found = [torch.addmm(bank_sq, q, bank.T, alpha=-2).min(1) for q in per_image]
             lap("exact search alone (addmm + min)", start, n)
             start = time.perf_counter()
-            approx = [hnsw.search(q, 1) for q in per_image]
+            hnsw.search(queries, 1)  # the batch at once, as predict searches
             lap("HNSW search alone", start, n)
-            start = time.perf_counter()
-            for q in per_image:
-                refine_top(q, *hnsw.search(q, 1), bank, bank_sq=bank_sq)
-            lap("HNSW + exact re-ranking of the top patches", start, n)
-            hnsw._faiss.hnsw.efSearch = FAST_EF
-            start = time.perf_counter()
-            for q in per_image:
-                refine_top(q, *hnsw.search(q, 1), bank, bank_sq=bank_sq)
-            lap(f"HNSW efSearch={FAST_EF} + exact re-ranking", start, n)
-            hnsw._faiss.hnsw.efSearch = HNSW_EF_SEARCH
+            approx = [hnsw.search(q, 1) for q in per_image]  # the same rows, per image
+            default = hnsw.ef_search
+            det.search, det._index = "auto", hnsw
+            for ef in (default, *other_ef):
+                hnsw.ef_search = ef
+                start = time.perf_counter()
+                det._search(queries, n, det.num_neighbors)  # HNSW + the batch's re-ranking
+                label = (
+                    f"HNSW + exact re-ranking of the top patches (default, efSearch={ef})"
+                    if ef == default
+                    else f"HNSW efSearch={ef} + exact re-ranking"
+                )
+                lap(label, start, n)
+            hnsw.ef_search = default
             for q, (d2, i), (d, j) in zip(per_image, found, approx, strict=True):
                 exact_d = (d2 + (q * q).sum(1)).clamp_min(0).sqrt()
                 accuracy["recall"].append((j[:, 0] == i).float().mean().item())
@@ -144,6 +160,12 @@ def _timed_split(
                 start = time.perf_counter()
                 det.predict_tensor(images)
                 lap(f"predict_tensor, search={search} ({label})", start, n)
+            for ef in other_ef:
+                hnsw.ef_search = ef
+                start = time.perf_counter()
+                det.predict_tensor(images)
+                lap(f"predict_tensor, search=auto, efSearch={ef}", start, n)
+            hnsw.ef_search = default
             det.search = "auto"
     return steps, accuracy, indexes
 
@@ -151,7 +173,7 @@ def _timed_split(
 def main() -> None:
     from patchad.datasets import load_category
     from patchad.evaluate import evaluate
-    from patchad.ops.knn import HNSW_EF_SEARCH, SearchIndex
+    from patchad.ops.knn import SearchIndex
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", default="bottle,mtd")
@@ -162,6 +184,11 @@ def main() -> None:
         type=int,
         default=0,
         help="metrics over at most this many test images, spread over the defect types (0 = all)",
+    )
+    parser.add_argument(
+        "--ef",
+        default=",".join(map(str, OTHER_EF)),
+        help="HNSW efSearch values measured beside the default, comma-separated",
     )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -184,13 +211,17 @@ def main() -> None:
         )
         print(lines[-1], flush=True)
         tests = spread(sorted((root / "test").glob("*/*.png")), args.timed)
-        steps, acc, indexes = _timed_split(det, tests, hnsw)
-        forward = statistics.median(steps["backbone forward"])
-        lines.append(f"\n{len(tests)} test images, batches of 8\n")
-        lines.append("step | ms/img (median) | / forward")
+        other_ef = tuple(int(e) for e in args.ef.split(",") if e)
+        steps, acc, indexes = _timed_split(det, tests, hnsw, other_ef)
+        torch_fw = statistics.median(steps["backbone forward (torch)"])
+        engine_fw = statistics.median(next(v for k, v in steps.items() if "default engine" in k))
+        lines.append(
+            f"\n{len(tests)} test images, batches of 8; predict_tensor runs the default engine\n"
+        )
+        lines.append("step | ms/img (median) | / forward, default engine | / forward, torch")
         for step, values in steps.items():
             ms = statistics.median(values)
-            lines.append(f"{step} | {ms * 1000:.1f} | {ms / forward:.2f}x")
+            lines.append(f"{step} | {ms * 1000:.1f} | {ms / engine_fw:.2f}x | {ms / torch_fw:.2f}x")
         lines.append(
             f"\nHNSW recall@1 {statistics.mean(acc['recall']):.4f} (worst image "
             f"{min(acc['recall']):.4f}); mean |relative patch-score error| "
@@ -207,9 +238,11 @@ def main() -> None:
         for search in ("torch", "auto"):
             det.search, det._index = search, indexes[search]
             rows[search] = evaluate(det, test_set)
-        det._index._faiss.hnsw.efSearch = FAST_EF  # the same graph, searched more narrowly
-        rows[f"auto, efSearch={FAST_EF}"] = evaluate(det, test_set)
-        det._index._faiss.hnsw.efSearch = HNSW_EF_SEARCH
+        default = det._index.ef_search
+        for ef in other_ef:  # the same graph, searched more narrowly or broadly
+            det._index.ef_search = ef
+            rows[f"auto, efSearch={ef}"] = evaluate(det, test_set)
+        det._index.ef_search = default
         whole = "whole test set" if not args.limit else "test set, spread"
         lines.append(f"\n{whole} ({rows['torch'].n_test} images)\n")
         lines.append("search | image AUROC | pixel AUROC | AU-PRO | predict ms/img")

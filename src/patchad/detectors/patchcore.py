@@ -27,7 +27,7 @@ from patchad.ops.knn import (
     auto_backend,
     has_faiss,
     legacy_auto_backend,
-    refine_top,
+    refine_top_batch,
 )
 from patchad.ops.patches import align_and_concat, local_aggregate, reduce_channels
 from patchad.ops.scores import reweighted_image_score
@@ -548,15 +548,28 @@ class PatchCore(Detector):
             "radius_from": source,
         }
 
-    def _search_image(self, query: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """One image's k nearest bank rows, the top patches made exact after an approximate
-        search (:func:`~patchad.ops.knn.refine_top`)."""
-        dist, index = self._index.search(query, k)
-        if self._index.approximate:
-            dist, index, _ = refine_top(
-                query, dist, index, self._index.bank, bank_sq=self._index.bank_sq
-            )
-        return dist, index
+    def _search(self, queries: Tensor, images: int, k: int) -> tuple[Tensor, Tensor]:
+        """The k nearest bank rows of every patch of a batch, shapes (images * M, k).
+
+        The exact torch search runs one image at a time: BLAS rounding depends on the number
+        of query rows, so an image's score would otherwise depend on the other images of its
+        batch (up to ~1e-4 here). An approximate search answers each patch on its own, so the
+        batch goes at once, and each image's top patches are made exact together
+        (:func:`~patchad.ops.knn.refine_top_batch`; the refined distances do not depend on
+        the batch either)."""
+        if not self._index.approximate:
+            found = [self._index.search(q, k) for q in queries.chunk(images)]
+            return torch.cat([f[0] for f in found]), torch.cat([f[1] for f in found])
+        dist, index = self._index.search(queries, k)
+        shape = (images, -1, k)
+        dist, index, _ = refine_top_batch(
+            queries.view(images, -1, queries.shape[1]),
+            dist.view(shape),
+            index.view(shape),
+            self._index.bank,
+            bank_sq=self._index.bank_sq,
+        )
+        return dist.reshape(-1, k), index.reshape(-1, k)
 
     def _score(self, features: list[Tensor]) -> tuple[Tensor, Tensor | None]:
         e = self.embed(features)
@@ -570,10 +583,7 @@ class PatchCore(Detector):
         if cached is None or cached.bank is not bank or cached.backend != backend:
             self._index = SearchIndex(bank, backend=backend, seed=self.seed)
         k = min(self.num_neighbors, bank.shape[0])
-        # one search per image: BLAS rounding depends on the number of query rows, so an image's
-        # score would otherwise depend on the other images of its batch (up to ~1e-4 here)
-        found = [self._search_image(q, k) for q in queries.split(h * w)]
-        dist, index = torch.cat([f[0] for f in found]), torch.cat([f[1] for f in found])
+        dist, index = self._search(queries, b, k)
         patch = dist.mean(1).reshape(b, h * w)  # s(m_test) = ||m_test - m*||, Eq. 6
         if self.reweight:
             image = reweighted_image_score(

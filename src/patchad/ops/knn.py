@@ -61,6 +61,32 @@ def knn(
     return torch.cat(dists), torch.cat(idxs)
 
 
+def pair_distances(query: Tensor, bank: Tensor, index: Tensor) -> Tensor:
+    """Euclidean distances from each query row to given bank rows, each as ``||q - m||``
+    directly (not the expanded form a matrix product rounds): the same value whatever else is
+    searched with it.
+
+    Args:
+        query: shape (M, D).
+        bank: shape (N, D).
+        index: bank rows per query, shape (M, k).
+
+    Returns:
+        Distances, shape (M, k).
+    """
+    return (query[:, None, :] - bank[index]).square().sum(-1).sqrt()
+
+
+def _exact_rows(
+    query: Tensor, bank: Tensor, k: int, bank_sq: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """The exact k nearest rows (chosen by :func:`knn`'s matrix product) with their distances
+    recomputed by :func:`pair_distances` and sorted, shapes (M, k)."""
+    _, index = knn(query, bank, k, bank_sq=bank_sq)
+    dist, order = pair_distances(query, bank, index).sort(1)
+    return dist, index.gather(1, order)
+
+
 def refine_top(
     query: Tensor,
     dist: Tensor,
@@ -78,7 +104,8 @@ def refine_top(
     order of decreasing approximate score, ``first`` of them, then twice as many each round,
     until the next approximate score is at most the largest exact score found: then no
     unrefined query can hold the maximum, and the largest patch score and its neighbours are
-    the exact search's (up to float rounding).
+    the exact search's (up to float rounding; the refined distances are
+    :func:`pair_distances`, independent of how many rows were searched together).
 
     Args:
         query: one image's patches, shape (M, D).
@@ -100,13 +127,61 @@ def refine_top(
     done, step = 0, max(1, first)
     while done < len(order):
         rows = order[done : done + step]
-        d, i = knn(query[rows], bank, k, bank_sq=bank_sq)
+        d, i = _exact_rows(query[rows], bank, k, bank_sq)
         dist[rows], index[rows] = d, i
         best = max(best, d.mean(1).max().item())
         done += len(rows)
         step *= 2
         if done < len(order) and score[order[done]].item() <= best:
             break
+    return dist, index, done
+
+
+def refine_top_batch(
+    query: Tensor,
+    dist: Tensor,
+    index: Tensor,
+    bank: Tensor,
+    *,
+    bank_sq: Tensor | None = None,
+    first: int = 8,
+) -> tuple[Tensor, Tensor, list[int]]:
+    """:func:`refine_top` for a batch of images, the same result: the first round of every
+    image (its ``first`` largest approximate patch scores) is searched in one matrix product,
+    which reads the bank once for the batch instead of once per image; an image whose maximum
+    is not certified by that round goes on alone through :func:`refine_top`.
+
+    Args:
+        query: patches, shape (B, M, D).
+        dist: approximate distances, ascending per row, shape (B, M, k).
+        index: their bank indices, shape (B, M, k).
+        bank: shape (N, D).
+        bank_sq: precomputed ``squared_norms(bank)``, shape (N,).
+        first: queries per image searched exactly in the first round.
+
+    Returns:
+        Distances and indices (copies, the refined rows exact), shapes (B, M, k), and the
+        number of queries searched again per image.
+    """
+    b, m, k = dist.shape
+    f = min(max(1, first), m)
+    score = dist.mean(2)
+    order = score.argsort(1, descending=True)
+    rows = order[:, :f]  # (B, f)
+    picked = query.gather(1, rows[..., None].expand(-1, -1, query.shape[2]))
+    d, i = _exact_rows(picked.reshape(b * f, -1), bank, k, bank_sq)
+    dist, index = dist.clone(), index.clone()
+    spots = rows[..., None].expand(-1, -1, k)
+    dist.scatter_(1, spots, d.view(b, f, k))
+    index.scatter_(1, spots, i.view(b, f, k))
+    best = d.view(b, f, k).mean(2).amax(1)
+    done = [f] * b
+    if f < m:
+        nxt = score.gather(1, order[:, f : f + 1]).squeeze(1)
+        for j in (nxt > best).nonzero().flatten().tolist():
+            dist[j], index[j], done[j] = refine_top(
+                query[j], dist[j], index[j], bank, bank_sq=bank_sq, first=2 * f
+            )
     return dist, index, done
 
 
@@ -228,6 +303,8 @@ class SearchIndex:
         nlist: IVF cells (``"faiss-ivf"``); None = ``4 * sqrt(N)``.
         nprobe: cells visited per query (``"faiss-ivf"``).
         seed: seeds the IVF k-means.
+        ef_search: HNSW search breadth (``"faiss-hnsw"``; faiss ``efSearch``), also settable
+            later as the attribute of that name.
 
     The faiss indexes are built on one thread, so the same bank always gives the same index
     (faiss inserts into an HNSW graph in parallel in an arbitrary order otherwise).
@@ -241,6 +318,7 @@ class SearchIndex:
         nlist: int | None = None,
         nprobe: int = 8,
         seed: int = 0,
+        ef_search: int = HNSW_EF_SEARCH,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -249,6 +327,7 @@ class SearchIndex:
         self.approximate = self.backend in APPROXIMATE
         self.bank_sq = squared_norms(bank) if self.backend == "torch" or self.approximate else None
         self._faiss = None
+        self._ef_search = ef_search
         if self.backend != "torch":
             threads = _faiss().omp_get_max_threads()
             _faiss().omp_set_num_threads(1)
@@ -277,9 +356,22 @@ class SearchIndex:
         elif self.backend == "faiss-hnsw":
             index = _faiss().IndexHNSWFlat(bank.shape[1], HNSW_M)
             index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-            index.hnsw.efSearch = HNSW_EF_SEARCH
+            index.hnsw.efSearch = self._ef_search
             index.add(_numpy(bank))
             self._faiss = index
+
+    @property
+    def ef_search(self) -> int:
+        """The HNSW search breadth (faiss ``efSearch``): recall against time."""
+        return self._ef_search
+
+    @ef_search.setter
+    def ef_search(self, value: int) -> None:
+        if value < 1:
+            raise ValueError(f"ef_search must be >= 1, got {value!r}")
+        self._ef_search = int(value)
+        if self.backend == "faiss-hnsw" and self._faiss is not None:
+            self._faiss.hnsw.efSearch = self._ef_search
 
     def search(self, query: Tensor, k: int = 1) -> tuple[Tensor, Tensor]:
         """Distances (Euclidean, ascending) and indices of the k nearest rows, (M, k) each."""
