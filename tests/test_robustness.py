@@ -452,3 +452,46 @@ def test_evaluate_mask_of_wrong_size(
     code, err = run(capsys, tmp_path, out, argv)
     assert code == 2, err
     assert "good_0_mask.png" in err
+
+
+def _png_with_late_exif(path: Path, orientation: int) -> Path:
+    """A PNG 48 wide x 40 high whose eXIf chunk (orientation) comes after its image data."""
+    import io
+    import struct
+    import zlib
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((40, 48, 3), 120, np.uint8)).save(buffer, "PNG")
+    data = buffer.getvalue()
+    payload = exif.tobytes()
+    chunk = struct.pack(">I", len(payload)) + b"eXIf" + payload
+    chunk += struct.pack(">I", zlib.crc32(b"eXIf" + payload))
+    end = data.rindex(b"IEND") - 4  # before IEND's length field
+    path.write_bytes(data[:end] + chunk + data[end:])
+    return path
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_image_dims_reads_headers_only_and_sees_late_png_exif(
+    orientation: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from PIL import ImageFile
+
+    from patchad.batching import image_dims
+
+    late = _png_with_late_exif(tmp_path / "late.png", orientation)
+    early = tmp_path / "early.png"
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(np.zeros((40, 48, 3), np.uint8)).save(early, exif=exif)
+    jpeg = badinputs.exif_rotated_jpeg(tmp_path)  # orientation 6
+    # what read_image returns (decoded, EXIF applied) is what the header says
+    expected = {p: read_image(p).size[::-1] for p in (late, early, jpeg)}
+    assert expected[late] == ((48, 40) if orientation == 6 else (40, 48))
+    monkeypatch.setattr(
+        ImageFile.ImageFile, "load", lambda self: pytest.fail("image_dims decoded an image")
+    )
+    for path, dims in expected.items():
+        assert image_dims(path) == dims

@@ -8,6 +8,7 @@ Torch-free: the torch detectors (:func:`patchad.loading.iter_batches`) and the e
 from __future__ import annotations
 
 import os
+import struct
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -79,12 +80,34 @@ def image_dims(item: ImageLike) -> tuple[int, int] | None:
     try:
         with Image.open(item) as handle:
             width, height = handle.size
-            orientation = handle.getexif().get(0x0112)
+            if handle.format == "PNG" and "exif" not in handle.info:
+                # Pillow's getexif() decodes a whole PNG to look for an eXIf chunk after the
+                # image data; the chunk headers say as much without decoding
+                orientation = _png_late_orientation(item)
+            else:
+                orientation = handle.getexif().get(0x0112)
     except Exception:  # any failure is reported, with the file's name, when it is read
         return None
     if orientation in _TRANSPOSING:
         width, height = height, width
     return height, width
+
+
+def _png_late_orientation(path: str | os.PathLike[str]) -> int | None:
+    """The EXIF orientation of a PNG whose eXIf chunk (if any) comes after its image data,
+    found by skipping from chunk header to chunk header."""
+    with open(path, "rb") as f:
+        f.seek(8)  # the signature, checked by Image.open
+        while len(head := f.read(8)) == 8:
+            length, tag = struct.unpack(">I4s", head)
+            if tag == b"eXIf":
+                exif = Image.Exif()
+                exif.load(f.read(length))
+                return exif.get(0x0112)
+            if tag == b"IEND":
+                break
+            f.seek(length + 4, os.SEEK_CUR)  # the data and its CRC
+    return None
 
 
 def iter_loaded(
