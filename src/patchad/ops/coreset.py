@@ -186,7 +186,12 @@ def greedy_cover(
 
     i = int((src == start).nonzero()[0, 0])
     dist = torch.addmv(sq, xs, xs[i], alpha=-2).add_(sq[i])  # squared distances to the coreset
-    block_max = dist.view(nb, length).amax(1)
+    by_block = dist.view(nb, length)
+    block_max = by_block.amax(1)
+    # ||x||^2 - 2 x.c of the blocks a step updates, written run by run (one op each), then
+    # merged into ``dist`` and ``block_max`` for all of them at once
+    partial = torch.empty_like(dist)
+    partial_by_block = partial.view(nb, length)
     chosen = torch.empty(n, dtype=torch.long, device=device)
     chosen[0] = start
     bar = None
@@ -199,13 +204,15 @@ def greedy_cover(
         i = j * length + int(torch.argmax(dist[j * length : (j + 1) * length]))
         c = xs[i]
         chosen[k] = src[i]
-        gap = torch.addmv(centre_sq, centre, c, alpha=-2).add_(sq[i]).clamp_min_(0).sqrt_()
+        c_sq = sq[i]
+        gap = torch.addmv(centre_sq, centre, c, alpha=-2).add_(c_sq).clamp_min_(0).sqrt_()
         near = (gap - rho < block_max.clamp_min(0).sqrt()).nonzero().squeeze(1)
         for a, b in _runs(near):
             rows = slice(a * length, b * length)
-            new = torch.addmv(sq[rows], xs[rows], c, alpha=-2).add_(sq[i])
-            torch.minimum(dist[rows], new, out=dist[rows])
-            torch.amax(dist[rows].view(b - a, length), 1, out=block_max[a:b])
+            torch.addmv(sq[rows], xs[rows], c, alpha=-2, out=partial[rows])
+        updated = torch.minimum(by_block[near], partial_by_block[near].add_(c_sq))
+        by_block[near] = updated
+        block_max[near] = updated.amax(1)
         if bar is not None and k % 1000 == 0:
             bar.update(1000)
     if bar is not None:
