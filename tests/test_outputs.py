@@ -345,13 +345,24 @@ def test_encode_png_decodes_to_the_same_pixels(shape: tuple[int, ...], dtype: ty
         assert np.array_equal(np.asarray(decoded), np.asarray(picture))
 
 
-def test_encode_png_strips_are_the_same_bytes_whatever_the_threads() -> None:
+@pytest.mark.parametrize("deflate", ["isal", "zlib"])
+def test_encode_png_strips_are_the_same_bytes_whatever_the_threads(
+    deflate: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """An image of several strips (each compressed alone, then joined): a valid zlib stream,
-    the same pixels, and the same bytes with 1 or 3 threads."""
+    the same pixels, and the same bytes with 1 or 3 threads; with ISA-L's deflate and with
+    zlib's (where isal is not installed)."""
     import io
     import zlib
 
+    from patchad import png
     from patchad.png import STRIP_BYTES, encode_png
+
+    if deflate == "isal":
+        pytest.importorskip("isal")
+        assert png._isal is not None
+    else:
+        monkeypatch.setattr(png, "_isal", None)
 
     rng = np.random.default_rng(5)
     array = np.repeat(rng.integers(0, 256, (300, 1, 3), dtype=np.uint8), 800, axis=1)
