@@ -163,6 +163,41 @@ def test_prediction_save_in_memory_images(fitted, demo_root: Path, tmp_path: Pat
     assert read_scores_csv(tmp_path / "out" / "scores.csv")[0][0] == "image_0000"
 
 
+def test_kept_images_draw_the_same_overlays_without_reading_files_again(
+    fitted, demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``iter_predict(keep_images=True)`` hands the decoded images to the writer: the overlays
+    are the same bytes as when each file is read again, and no file is read again."""
+    import copy
+
+    import patchad.images
+    from patchad.outputs import wants_images, write_predictions
+
+    det = copy.deepcopy(fitted)  # the shared fixture stays uncalibrated
+    det.calibrate(sorted((demo_root / "object" / "train" / "good").glob("*.png"))[:6])
+    threshold = det.pixel_threshold_
+    assert wants_images(None, threshold)
+    assert not wants_images("scores,maps", threshold)
+    assert not wants_images(None, None)  # uncalibrated: overlays wait for every map
+    paths = sorted((demo_root / "object" / "test").glob("*/*.png"))[:10]
+    again, kept = tmp_path / "again", tmp_path / "kept"
+    for out in (again, kept):
+        out.mkdir()
+    write_predictions(det.iter_predict(paths), paths, again, pixel_threshold=threshold)
+    parts = list(det.iter_predict(paths, keep_images=True))
+    assert all(p.images is not None and len(p.images) == len(p.names) for p in parts)
+    assert parts[0].images[0].size == Image.open(paths[0]).size
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("an image was read again")
+
+    monkeypatch.setattr(patchad.images, "read_image", no_reading)
+    write_predictions(parts, paths, kept, pixel_threshold=threshold)
+    assert _written_files(kept) == _written_files(again)
+    for rel in _written_files(again):
+        assert (kept / rel).read_bytes() == (again / rel).read_bytes(), rel
+
+
 # --- --outputs, the writer pool, the PNG encoder (issue 28) ------------------------------------
 
 

@@ -33,12 +33,14 @@ class SkippedImageWarning(UserWarning):
 
 @dataclass(frozen=True)
 class Loaded(Generic[T]):
-    """One batch: the preprocessed inputs, the original (width, height) of each image, and its
-    name (the file path, or ``"<image i>"`` for in-memory images)."""
+    """One batch: the preprocessed inputs, the original (width, height) of each image, its
+    name (the file path, or ``"<image i>"`` for in-memory images), and the decoded RGB images
+    themselves when asked for (``keep_images``), else None."""
 
     inputs: list[T]
     sizes: list[tuple[int, int]]
     names: list[str]
+    images: list[Image.Image] | None = None
 
 
 def as_items(images: Images) -> list[ImageLike]:
@@ -58,10 +60,12 @@ def as_items(images: Images) -> list[ImageLike]:
     return items
 
 
-def _load(item: ImageLike, preprocess: Callable[[Image.Image], T]) -> tuple[T, tuple[int, int]]:
+def _load(
+    item: ImageLike, preprocess: Callable[[Image.Image], T], keep: bool
+) -> tuple[T, tuple[int, int], Image.Image | None]:
     image = to_rgb(item) if isinstance(item, Image.Image) else read_image(item)
     try:
-        return preprocess(image), image.size
+        return preprocess(image), image.size, image if keep else None
     except PatchadError as exc:  # e.g. a geometry this image cannot take: name the file
         name = "image" if isinstance(item, Image.Image) else str(item)
         raise PatchadError(f"{name}: {exc}") from None
@@ -117,6 +121,7 @@ def iter_loaded(
     *,
     workers: int = 2,
     skip_bad: bool = False,
+    keep_images: bool = False,
 ) -> Iterator[Loaded[T]]:
     """Decode and preprocess images in threads, at most two batches ahead of the consumer.
 
@@ -124,6 +129,8 @@ def iter_loaded(
         preprocess: RGB image -> model input (a tensor, an array...).
         skip_bad: skip images that cannot be read, with a :class:`SkippedImageWarning` each,
             instead of raising at the first one.
+        keep_images: also yield the decoded RGB images (:attr:`Loaded.images`), so that a
+            caller drawing on them (overlays) does not decode them again.
 
     Raises:
         PatchadError: an image cannot be read (without ``skip_bad``), or none can (with it).
@@ -132,7 +139,7 @@ def iter_loaded(
         str(i) if not isinstance(i, Image.Image) else f"<image {n}>" for n, i in enumerate(items)
     ]
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending: deque[tuple[int, Future[tuple[T, tuple[int, int]]]]] = deque()
+        pending: deque[tuple[int, Future[tuple[T, tuple[int, int], Image.Image | None]]]] = deque()
         submitted = 0
         yielded = 0
         skipped: list[str] = []
@@ -140,7 +147,8 @@ def iter_loaded(
         def top_up() -> None:
             nonlocal submitted
             while submitted < len(items) and len(pending) < 2 * batch_size:
-                pending.append((submitted, pool.submit(_load, items[submitted], preprocess)))
+                job = pool.submit(_load, items[submitted], preprocess, keep_images)
+                pending.append((submitted, job))
                 submitted += 1
 
         top_up()
@@ -161,7 +169,8 @@ def iter_loaded(
                 top_up()
             if loaded:
                 yielded += len(loaded)
-                yield Loaded([t for t, _ in loaded], [s for _, s in loaded], batch_names)
+                inputs, sizes, images = (list(column) for column in zip(*loaded, strict=True))
+                yield Loaded(inputs, sizes, batch_names, images if keep_images else None)
         if not yielded:
             raise PatchadError(
                 f"none of the {len(items)} images could be read (first: {skipped[0]})"

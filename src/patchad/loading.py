@@ -40,11 +40,13 @@ class Batch:
         tensors: one normalised tensor (3, H_i, W_i) per image (shapes may differ).
         sizes: original (width, height) of each image.
         names: file path of each image, or ``"<image i>"`` for in-memory images.
+        decoded: the decoded RGB images, when asked for (``keep_images``); else None.
     """
 
     tensors: list[Tensor]
     sizes: list[tuple[int, int]]
     names: list[str]
+    decoded: list[Image.Image] | None = None
 
     @property
     def images(self) -> Tensor:
@@ -59,6 +61,7 @@ def iter_batches(
     *,
     workers: int = 2,
     skip_bad: bool = False,
+    keep_images: bool = False,
 ) -> Iterator[Batch]:
     """Decode and preprocess images in threads, at most two batches ahead of the consumer
     (:func:`patchad.batching.iter_loaded`), stacked into tensors.
@@ -66,12 +69,15 @@ def iter_batches(
     Args:
         skip_bad: skip images that cannot be read, with a :class:`SkippedImageWarning` each,
             instead of raising at the first one.
+        keep_images: keep the decoded RGB images too (:attr:`Batch.decoded`).
 
     Raises:
         PatchadError: an image cannot be read (without ``skip_bad``), or none can (with it).
     """
-    for part in iter_loaded(items, preprocess, batch_size, workers=workers, skip_bad=skip_bad):
-        yield Batch(tensors=list(part.inputs), sizes=part.sizes, names=part.names)
+    for part in iter_loaded(
+        items, preprocess, batch_size, workers=workers, skip_bad=skip_bad, keep_images=keep_images
+    ):
+        yield Batch(list(part.inputs), part.sizes, part.names, part.images)
 
 
 def split_calibration(

@@ -227,6 +227,13 @@ class WriterPool:
             done()
 
 
+def wants_images(outputs: str | Iterable[str] | None, pixel_threshold: float | None) -> bool:
+    """Whether :func:`write_predictions` draws overlays with each batch, so that the parts
+    should carry their decoded images (``iter_predict(..., keep_images=True)``)."""
+    fixed_scale = pixel_threshold is not None and pixel_threshold > 0
+    return "overlays" in parse_outputs(outputs) and fixed_scale
+
+
 def write_predictions(
     parts: Iterable[Prediction],
     paths: Sequence[Path],
@@ -245,8 +252,11 @@ def write_predictions(
     The files of each batch are written by a :class:`WriterPool` while the next batch is scored;
     ``scores.csv`` and ``results.jsonl`` only once every batch is in, so a run that stops on a
     bad image leaves no partial CSV. The overlays of a calibrated model are written with the
-    rest of their batch; without calibration their colour scale is the run's map range, so they
-    are written once every map is in.
+    rest of their batch, over the decoded images the parts carry (``iter_predict(...,
+    keep_images=True)``, see :func:`wants_images`) or else over the files read again; without
+    calibration their colour scale is the run's map range, so they are written once every map
+    is in, over the files read again (holding every image until then could take any amount
+    of memory).
 
     Args:
         parts: predictions, in the order of ``paths`` (images skipped as unreadable may be
@@ -313,7 +323,8 @@ def write_predictions(
                         mask = part.masks[i]
                         jobs.append(functools.partial(_write_mask, out, name, mask))
                     if "overlays" in chosen and fixed_scale:
-                        source = _source(path_str, images)
+                        kept = part.images[i] if part.images is not None else None
+                        source = kept if kept is not None else _source(path_str, images)
                         jobs.append(
                             functools.partial(_write_overlay, out, name, source, amap, scale)
                         )

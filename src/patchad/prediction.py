@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +37,8 @@ class Prediction:
             calibrated.
         pixel_threshold: the calibrated pixel threshold the masks used (it also anchors the
             overlays' colour scale); None when not calibrated.
+        images: the decoded RGB images (PIL), when ``iter_predict(keep_images=True)`` kept
+            them for drawing overlays; else None. Not compared, not saved.
     """
 
     scores: np.ndarray
@@ -47,6 +49,7 @@ class Prediction:
     masks: list[np.ndarray] | None = None
     image_threshold: float | None = None
     pixel_threshold: float | None = None
+    images: list[Any] | None = field(default=None, repr=False, compare=False)
 
     def records(self) -> list[dict[str, Any]]:
         """One :func:`result_record` per image, in order."""
@@ -90,7 +93,8 @@ class Prediction:
             if len(images) != len(names):
                 raise ValueError(f"images: {len(images)} given for {len(names)} predictions")
             names = [f"image_{i:04d}" if n.startswith("<image") else n for i, n in enumerate(names)]
-        part = replace(self, names=list(names))
+        # images given here are drawn on, not the ones the prediction may carry
+        part = replace(self, names=list(names), images=self.images if images is None else None)
         sources = None if images is None else dict(zip(names, images, strict=True))
         return write_predictions(
             [part],

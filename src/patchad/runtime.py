@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -199,11 +200,15 @@ class ExportedModel:
         progress: bool = False,
         skip_bad: bool = False,
         engine: str = "auto",
+        keep_images: bool = False,
     ) -> Iterator[Prediction]:
-        """One :class:`Prediction` per batch as soon as it is scored (see :meth:`predict`)."""
+        """One :class:`Prediction` per batch as soon as it is scored (see :meth:`predict`);
+        ``keep_images`` puts the decoded images in :attr:`Prediction.images`."""
         self._check_engine(engine)
         items = as_items(images)
-        batches = iter_loaded(items, self.preprocess, self.batch_size, skip_bad=skip_bad)
+        batches = iter_loaded(
+            items, self.preprocess, self.batch_size, skip_bad=skip_bad, keep_images=keep_images
+        )
         bar = None
         if progress:
             try:
@@ -221,7 +226,8 @@ class ExportedModel:
                 ]
                 if bar is not None:
                     bar.update(len(batch.names))
-                yield self._decide(scores, restored, list(batch.names))
+                part = self._decide(scores, restored, list(batch.names))
+                yield part if batch.images is None else replace(part, images=batch.images)
         finally:
             if bar is not None:
                 bar.close()

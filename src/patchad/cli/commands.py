@@ -139,7 +139,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from patchad.images import resolve_sources
-    from patchad.outputs import parse_outputs, write_predictions
+    from patchad.outputs import parse_outputs, wants_images, write_predictions
 
     outputs = parse_outputs(args.outputs)
     if args.resume and args.ray is None:
@@ -175,12 +175,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
                     outputs=outputs,
                 )
         else:
+            threshold = detector.pixel_threshold_ if detector.is_calibrated else None
+            parts = detector.iter_predict(
+                paths,
+                skip_bad=args.skip_bad,
+                engine=args.engine or "auto",
+                keep_images=wants_images(outputs, threshold),
+            )
             written = write_predictions(
-                detector.iter_predict(paths, skip_bad=args.skip_bad, engine=args.engine or "auto"),
+                parts,
                 paths,
                 out,
                 sources=args.paths,
-                pixel_threshold=detector.pixel_threshold_ if detector.is_calibrated else None,
+                pixel_threshold=threshold,
                 on_progress=bar.update,
                 outputs=outputs,
             )

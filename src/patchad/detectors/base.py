@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import typing
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -436,16 +437,20 @@ class Detector(InputGeometry, Parameters, OnDevice):
         skip_bad: bool = False,
         device: str | torch.device | None = None,
         engine: str = "auto",
+        keep_images: bool = False,
     ) -> Iterator[Prediction]:
         """Like :meth:`predict`, one :class:`Prediction` per batch as soon as it is scored, so a
-        caller can keep what finished if a later image fails."""
+        caller can keep what finished if a later image fails. ``keep_images`` puts the decoded
+        images in :attr:`Prediction.images` (for overlays, without decoding them again)."""
         self._check_fitted("predict")
         if device is not None:
             self._use_device(device)
         self.extractor_.use_engine(engine, self.device_in_use)
         items = as_items(images)
         total = -(-len(items) // self.batch_size)
-        batches = iter_batches(items, self.preprocess_, self.batch_size, skip_bad=skip_bad)
+        batches = iter_batches(
+            items, self.preprocess_, self.batch_size, skip_bad=skip_bad, keep_images=keep_images
+        )
         for batch in tqdm(
             batches,
             total=total,
@@ -459,7 +464,7 @@ class Detector(InputGeometry, Parameters, OnDevice):
                 part = self._decide(
                     scores, self.preprocess_.restore(maps, batch.sizes), list(batch.names)
                 )
-            yield part
+            yield part if batch.decoded is None else replace(part, images=batch.decoded)
 
     def _predict_images(self, tensors: list[Tensor]) -> tuple[np.ndarray, list[Tensor]]:
         """Image scores (B,) and maps at input resolution (one (H_i, W_i) per image) of
